@@ -1,0 +1,53 @@
+"""Sparse gather of ternary rows and sparse votes back into them.
+
+Forward decodes only the requested rows; backward sums the gradient of duplicate ids per
+unique row, casts one ``sign`` vote per trit of each touched row into ``T_accum`` (and one per
+row into ``E_accum``) and records the rows for the sparse update step. Everything is plain
+torch (gather / index_add), which is already bandwidth-bound on both CPU and CUDA; the cost
+grows with the number of ids, never with the table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ternary.packing import unpack_trits
+from ..ternary.saturating import saturating_add
+from ..ternary.state import exponent_to_scale
+from .ternary_linear import sign_votes
+
+
+def gather_rows_reference(packed: torch.Tensor, E: torch.Tensor, rows: torch.Tensor, cols: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """Shapes: packed (R, ceil(cols/5)) uint8, E (R,) int8, rows (n,) int64 -> (n, cols) dtype."""
+    trits = unpack_trits(packed.index_select(0, rows), cols)
+    return trits.to(dtype) * exponent_to_scale(E.index_select(0, rows), dtype)[:, None]
+
+
+def scatter_votes_(grad: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, T_accum: torch.Tensor,
+                   E_accum: torch.Tensor, cols: int, vote_magnitude: int) -> torch.Tensor:
+    """Cast the votes of ``grad`` (n, cols) for ``rows`` (n,); returns the unique rows touched."""
+    unique, inverse = torch.unique(rows, return_inverse=True)
+    summed = torch.zeros(unique.numel(), cols, dtype=torch.float32, device=grad.device)
+    summed.index_add_(0, inverse, grad.to(torch.float32))
+    trits = unpack_trits(packed.index_select(0, unique), cols).to(torch.float32)
+    T_accum.index_copy_(0, unique, saturating_add(T_accum.index_select(0, unique), sign_votes(summed, vote_magnitude)))
+    E_votes = sign_votes((summed * trits).sum(dim=1), vote_magnitude)
+    E_accum.index_copy_(0, unique, saturating_add(E_accum.index_select(0, unique), E_votes))
+    return unique
+
+
+class TernaryGatherFunction(torch.autograd.Function):
+    """autograd glue for the sparse gather; ``anchor`` as in TernaryLinearFunction."""
+
+    @staticmethod
+    def forward(ctx, rows, anchor, state, dtype):
+        ctx.rows, ctx.state = rows, state
+        return gather_rows_reference(state.packed, state.E, rows, state.cols, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        s = ctx.state
+        touched = scatter_votes_(grad, ctx.rows, s.packed, s.T_accum, s.E_accum, s.cols, s.vote_magnitude)
+        s.mark_touched_rows(touched)
+        return None, None, None, None

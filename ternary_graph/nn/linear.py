@@ -1,0 +1,64 @@
+"""TernaryLinear: a linear layer whose weight is a TernaryState (packed trits + int8 scale)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.ternary_linear import SUPPORTED_DTYPES, TernaryLinearFunction, linear_forward
+from ..ternary.state import TernaryState
+
+
+def grad_anchor(like: torch.Tensor) -> torch.Tensor:
+    """A zero-size float tensor that requires grad (call only while autograd records).
+
+    Passing it to a ternary autograd.Function makes its backward (which casts the votes) run
+    even when no float input of the layer requires a gradient.
+    """
+    return torch.empty(0, device=like.device, dtype=torch.float32, requires_grad=True)
+
+
+def check_activation(x: torch.Tensor, features: int, weight_device: torch.device, *, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be one of {[str(d) for d in SUPPORTED_DTYPES]}, got dtype={x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != features:
+        raise ValueError(f"{name} must have last dimension in_features={features}, got shape {tuple(x.shape)}")
+    if x.device != weight_device and weight_device.type != "meta":
+        raise ValueError(f"{name} is on {x.device} but the ternary weights are on {weight_device}")
+
+
+class TernaryLinear(nn.Module):
+    """``y = x · (T ⊙ s)ᵀ`` with T in {-1,0,1} packed 5 per byte and s = 2**(E/4) per output row.
+
+    The weight gradient is never materialised: backward votes ``sign(dW)`` into the int8
+    ``weight.T_accum`` (and row-scale votes into ``weight.E_accum``); a
+    :class:`~ternary_graph.ternary.optimizer.TernaryOptimizer` turns votes into trit steps.
+
+    Shapes:
+        x: (*, in_features) float32 / bfloat16 / float16 / float64
+        returns: (*, out_features), same dtype as x
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
+                 zero_fraction: float | None = None, init_scale: float | None = None,
+                 device: torch.device | str | None = None, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if bias:
+            raise ValueError("bias=True is not supported: a float bias would be persistent float state; "
+                             "add a separate float nn.Parameter if you need one")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = TernaryState(out_features, in_features, zero_fraction=zero_fraction,
+                                   init_scale=init_scale, device=device, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_activation(x, self.in_features, self.weight.packed.device)
+        w = self.weight
+        if not torch.is_grad_enabled():
+            return linear_forward(x, w.packed, w.E, self.in_features)
+        return TernaryLinearFunction.apply(x, grad_anchor(x), w.packed, w.E, w.T_accum, w.E_accum,
+                                           self.in_features, w.vote_magnitude)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -1,0 +1,154 @@
+"""TernaryOptimizer: applies the int8-vote update rule to every TernaryState of a model.
+
+Gradients never exist as float tensors on ternary modules: backward casts them straight into
+the int8 ``T_accum`` / ``E_accum`` accumulators as votes. ``step()`` turns accumulators that
+reached the threshold into trit steps (see ``kernels/ternary_update.py`` for the rule).
+
+Float parameters that remain (if a model has any) are trained by an ordinary torch optimizer
+passed as ``float_optimizer``; ``step``/``zero_grad``/``state_dict`` drive both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..kernels.ternary_update import ternary_update_
+from .state import TernaryState, ternary_states
+
+
+@dataclass
+class UpdateRule:
+    """Hyper-parameters of the vote-and-threshold rule."""
+
+    threshold: int = 16  # |T_accum| at which a trit steps one level (θ); 1..127
+    threshold_final: int | None = None  # θ at the end of the ramp (None: θ stays constant)
+    threshold_ramp_steps: int = 0  # steps over which θ moves linearly to threshold_final
+    scale_threshold: int = 64  # |E_accum| at which a row scale steps by 2**(1/E_STEP); 0 freezes E
+    decay_shift: int | None = None  # each step |acc| shrinks by |acc| >> decay_shift (None: no decay)
+    flip_prob: float = 1.0  # probability that a trit at threshold actually steps (stochastic flips)
+    vote_magnitude: int = 1  # what one backward pass adds to an accumulator, ±1..±127
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "threshold_final"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 1 <= value <= 127):
+                raise ValueError(f"{name} must be an int in 1..127, got {value!r}")
+        if not isinstance(self.threshold_ramp_steps, int) or self.threshold_ramp_steps < 0:
+            raise ValueError(f"threshold_ramp_steps must be a non-negative int, got {self.threshold_ramp_steps!r}")
+        if not isinstance(self.scale_threshold, int) or not 0 <= self.scale_threshold <= 127:
+            raise ValueError(f"scale_threshold must be an int in 0..127, got {self.scale_threshold!r}")
+        if self.decay_shift is not None and (not isinstance(self.decay_shift, int) or not 1 <= self.decay_shift <= 7):
+            raise ValueError(f"decay_shift must be None or an int in 1..7, got {self.decay_shift!r}")
+        if not 0.0 < self.flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must lie in (0, 1], got {self.flip_prob!r}")
+        if not isinstance(self.vote_magnitude, int) or not 1 <= self.vote_magnitude <= 127:
+            raise ValueError(f"vote_magnitude must be an int in 1..127, got {self.vote_magnitude!r}")
+
+    def threshold_at(self, step: int) -> int:
+        """θ for optimizer step ``step`` (0-based): constant, or a linear ramp, then constant."""
+        if self.threshold_final is None or self.threshold_ramp_steps == 0:
+            return self.threshold if self.threshold_final is None else self.threshold_final
+        frac = min(1.0, step / self.threshold_ramp_steps)
+        return round(self.threshold + frac * (self.threshold_final - self.threshold))
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did."""
+
+    step: int
+    threshold: int
+    flips: int  # trits that changed value
+    trits_updated: int  # trits in the rows the step visited
+    float_params: int  # float parameters stepped by the float optimizer
+
+    @property
+    def flip_rate(self) -> float:
+        return self.flips / max(1, self.trits_updated)
+
+
+class TernaryOptimizer:
+    """Steps every TernaryState of ``params`` with :class:`UpdateRule`.
+
+    Args:
+        params: a module (all its TernaryStates) or an iterable of TernaryStates.
+        rule: the update rule (default ``UpdateRule()``).
+        float_optimizer: optional torch optimizer over the model's remaining float parameters
+            (e.g. ``torch.optim.AdamW(float_parameters(model))``), stepped alongside.
+        seed: seeds the coin flips of stochastic updates.
+
+    Sparse states (embedding tables) record the rows their backward touched; only those rows
+    are visited by ``step()``, so its cost grows with the batch, not the table.
+    """
+
+    def __init__(self, params: nn.Module | Iterable[TernaryState], rule: UpdateRule | None = None, *,
+                 float_optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> None:
+        states = ternary_states(params) if isinstance(params, nn.Module) else list(params)
+        for i, s in enumerate(states):
+            if not isinstance(s, TernaryState):
+                raise TypeError(f"params[{i}] must be a TernaryState, got {type(s).__name__}")
+        if not states and float_optimizer is None:
+            raise ValueError("TernaryOptimizer got no TernaryState and no float_optimizer: nothing to train")
+        self.states = states
+        self.rule = rule if rule is not None else UpdateRule()
+        self.float_optimizer = float_optimizer
+        self.step_count = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        for s in self.states:
+            s.vote_magnitude = self.rule.vote_magnitude
+
+    @torch.no_grad()
+    def step(self) -> StepStats:
+        threshold = self.rule.threshold_at(self.step_count)
+        flips = visited = 0
+        for state in self.states:
+            rows = state.take_touched_rows()
+            if rows is not None and rows.numel() == 0:
+                continue
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._generator))
+            flips += ternary_update_(state.packed, state.T_accum, state.E, state.E_accum, state.cols,
+                                     threshold=threshold, scale_threshold=self.rule.scale_threshold,
+                                     decay_shift=self.rule.decay_shift, flip_prob=self.rule.flip_prob,
+                                     seed=seed, rows=rows)
+            visited += state.cols * (state.rows if rows is None else rows.numel())
+        n_float = 0
+        if self.float_optimizer is not None:
+            self.float_optimizer.step()
+            n_float = sum(p.numel() for g in self.float_optimizer.param_groups for p in g["params"])
+        stats = StepStats(self.step_count, threshold, flips, visited, n_float)
+        self.step_count += 1
+        return stats
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears float gradients. Votes are not gradients: they persist in the accumulators."""
+        if self.float_optimizer is not None:
+            self.float_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        out = {"step_count": self.step_count, "rule": asdict(self.rule),
+               "generator": self._generator.get_state()}
+        if self.float_optimizer is not None:
+            out["float_optimizer"] = self.float_optimizer.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        known = {f.name for f in fields(UpdateRule)}
+        unknown = set(state.get("rule", {})) - known
+        if unknown:
+            raise ValueError(f"optimizer state has unknown rule fields {sorted(unknown)}")
+        if ("float_optimizer" in state) != (self.float_optimizer is not None):
+            raise ValueError("optimizer state and this optimizer disagree on having a float_optimizer")
+        rule = UpdateRule(**state["rule"])
+        step_count = int(state["step_count"])
+        if step_count < 0:
+            raise ValueError(f"step_count must be non-negative, got {step_count}")
+        self._generator.set_state(state["generator"])
+        self.rule, self.step_count = rule, step_count
+        for s in self.states:
+            s.vote_magnitude = rule.vote_magnitude
+        if self.float_optimizer is not None:
+            self.float_optimizer.load_state_dict(state["float_optimizer"])
