@@ -6,3 +6,98 @@ CODEBOOK_DIM = 64  # dimension of every VQ code (shared router codebook and KG c
 SHARED_VQ_SIZE = 10_000_000  # codes in the one shared router codebook of the default model
 KGVQ_CODEBOOK_SIZE = 5_000_000  # codes in the knowledge-graph entity codebook
 KGVQ_CODEBOOK_DIM = 64  # dimension of the KG codes
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the assembled model. Every weight counted here is a trit."""
+
+    vocab_size: int = 256  # byte-level tokens
+    dim: int = 128  # model width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads; dim / n_heads must be even (rotary)
+    max_seq_len: int = 512  # longest sequence the rotary table covers
+    num_experts: int = 4  # MoEGraph experts per layer
+    expert_hidden: int = 256  # SwiGLU hidden width of one expert
+    top_k: int = 2  # experts chosen per token
+    fanout: int = 2  # dense mode: edges per code; large mode: candidate edges per code looked up
+    edge_capacity: int = 65_536  # large mode: active (code -> expert) edges kept per layer
+    codebook_size: int = 4_096  # codes in the one shared router codebook
+    codebook_dim: int = CODEBOOK_DIM  # dimension of those codes (a ternary projection feeds them)
+    quantize_every: int = 2  # blocks l with l % quantize_every == 0 quantise; the rest reuse the ids
+    kg_codebook_size: int = 4_096  # codes in the KG entity codebook
+    kg_codebook_dim: int = KGVQ_CODEBOOK_DIM  # dimension of the KG codes
+    num_relations: int = 8  # KG relation types scored by the composite head
+    commitment_weight: float = 0.25  # weight of the VQ commitment loss
+    rope_base: float = 10_000.0  # rotary frequency base
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "num_experts", "expert_hidden",
+                    "top_k", "fanout", "edge_capacity", "codebook_size", "codebook_dim", "quantize_every",
+                    "kg_codebook_size", "kg_codebook_dim", "num_relations")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"ModelConfig.n_heads={self.n_heads} must divide dim={self.dim}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"ModelConfig head dim {self.dim // self.n_heads} (dim / n_heads) must be even for rotary")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"ModelConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.fanout > self.num_experts:
+            raise ValueError(f"ModelConfig.fanout={self.fanout} exceeds num_experts={self.num_experts}")
+        if not self.commitment_weight >= 0:
+            raise ValueError(f"ModelConfig.commitment_weight must be >= 0, got {self.commitment_weight!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def quantize_layers(self) -> tuple[int, ...]:
+        return tuple(range(0, self.n_layers, self.quantize_every))
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Trains on 2 CPU cores in minutes.
+    "tiny": ModelConfig(),
+    # A GPU-minutes model.
+    "small": ModelConfig(dim=512, n_layers=8, n_heads=8, max_seq_len=1024, num_experts=8, expert_hidden=1024,
+                         fanout=4, codebook_size=65_536, kg_codebook_size=65_536, quantize_every=4),
+    # ≈3.0B logical ternary parameters: 10M×64 shared VQ + 5M×64 KG VQ + 16 blocks of width 2048
+    # with 16 SwiGLU experts of hidden 1120 each (see docs/memory.md for the breakdown).
+    "default_3b": ModelConfig(dim=2048, n_layers=16, n_heads=16, max_seq_len=2048, num_experts=16,
+                              expert_hidden=1120, fanout=4, edge_capacity=1 << 20, codebook_size=SHARED_VQ_SIZE,
+                              kg_codebook_size=KGVQ_CODEBOOK_SIZE, quantize_every=16, num_relations=16),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """The named preset; unknown names list the valid ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def logical_parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Logical ternary parameters per component, by arithmetic (the meta-device trace checks it)."""
+    d, L = cfg.dim, cfg.n_layers
+    expert = 3 * d * cfg.expert_hidden
+    return {
+        "token embedding": cfg.vocab_size * d,
+        "attention q/k/v/o": L * 4 * d * d,
+        "moe experts": L * cfg.num_experts * expert,
+        "moe centroids": L * cfg.num_experts * d,
+        "vq projections": len(cfg.quantize_layers) * d * cfg.codebook_dim,
+        "shared vq codebook": cfg.codebook_size * cfg.codebook_dim,
+        "kg vq codebook": cfg.kg_codebook_size * cfg.kg_codebook_dim,
+        "lm head": d * cfg.vocab_size,
+        "kg head (projection + relations)": d * cfg.kg_codebook_dim + cfg.num_relations * cfg.kg_codebook_dim,
+    }

@@ -504,8 +504,9 @@ def prepare_corpus(
                 pathlib.Path(name).unlink(missing_ok=True)
 
     n_skipped = sum(skipped.values())
+    # Empty files are routine (empty __init__.py); binary or mis-encoded ones deserve a look.
     logger.log(
-        logging.WARNING if n_skipped else logging.INFO,
+        logging.WARNING if skipped["binary"] or skipped["undecodable"] else logging.INFO,
         "prepared corpus in %s: %d files used, %d skipped (%d empty, %d binary, %d not UTF-8); "
         "%d train bytes, %d val bytes",
         cache, len(used), n_skipped, skipped["empty"], skipped["binary"], skipped["undecodable"],

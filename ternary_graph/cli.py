@@ -1,0 +1,124 @@
+"""``ternary-graph``: trace | train | eval | viz."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from .config import PRESETS
+
+
+def _none_or_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .train.loop import TrainConfig
+    d = TrainConfig()
+    p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="model preset (default %(default)s)")
+    p.add_argument("--weights", default=d.weights, choices=("ternary", "float"),
+                   help="ternary int8-vote training, or the float AdamW baseline of the same architecture")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate of float parameters")
+    p.add_argument("--threshold", type=int, default=d.threshold, help="vote threshold θ at step 0")
+    p.add_argument("--threshold-final", type=_none_or_int, default=d.threshold_final,
+                   help="θ at the last step, ramped linearly ('none': constant)")
+    p.add_argument("--scale-threshold", type=int, default=d.scale_threshold, help="row-scale vote threshold (0 freezes)")
+    p.add_argument("--decay-shift", type=_none_or_int, default=d.decay_shift, help="accumulator decay shift ('none')")
+    p.add_argument("--vote-magnitude", type=int, default=d.vote_magnitude)
+    p.add_argument("--flip-prob", type=float, default=d.flip_prob)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="validation windows per pass (0: all)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--keep-last", type=int, default=d.keep_last)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--data", default=None, help="text file or folder (default: this Python's stdlib sources)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<weights>)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: default)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.loop import TrainConfig, train
+    out = args.out or f"runs/{args.preset}-{args.weights}"
+    cfg = TrainConfig(preset=args.preset, weights=args.weights, steps=args.steps, batch_size=args.batch_size,
+                      seq_len=args.seq_len, lr=args.lr, threshold=args.threshold,
+                      threshold_final=args.threshold_final, scale_threshold=args.scale_threshold,
+                      decay_shift=args.decay_shift, vote_magnitude=args.vote_magnitude, flip_prob=args.flip_prob,
+                      eval_every=args.eval_every, eval_windows=args.eval_windows,
+                      checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, device=args.device,
+                      seed=args.seed, data=args.data, out=out, threads=args.threads)
+    s = train(cfg, resume=args.resume, progress=not args.no_progress)
+    status = "interrupted" if s.interrupted else "done"
+    print(f"\n{status}: {s.steps} steps of {cfg.preset}/{cfg.weights} in {s.seconds:.0f} s "
+          f"({s.tokens_per_second:,.0f} tokens/s)")
+    print(f"  train loss          {s.final_train_loss:.4f} nats/byte")
+    print(f"  validation loss     {s.val_loss_nats:.4f} nats/byte = {s.val_bits_per_byte:.4f} bits/byte")
+    print(f"  unigram baseline    {s.unigram_bits_per_byte:.4f} bits/byte")
+    print(f"  run folder          {s.run_dir}  (metrics.jsonl, loss.png, routing.png, checkpoints)")
+    return 130 if s.interrupted else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import math
+    from .train.loop import evaluate, load_model_from_checkpoint, prepare_data
+    model, cfg, meta, _ = load_model_from_checkpoint(args.checkpoint, device=args.device)
+    if args.windows is not None:
+        cfg.eval_windows = args.windows
+    _, val, _ = prepare_data(cfg)
+    nats = evaluate(model, val, cfg)
+    print(f"checkpoint step {meta['data_position']['next_step']} ({cfg.preset}/{cfg.weights})")
+    print(f"validation loss: {nats:.4f} nats/byte = {nats / math.log(2):.4f} bits/byte")
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from .models.trace import format_trace, trace_model
+    print(format_trace(trace_model(args.preset, weights=args.weights)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ternary-graph", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a model on real text (default: the stdlib sources)")
+    _add_train_args(p)
+    p.set_defaults(func=_train)
+    p = sub.add_parser("eval", help="validation loss of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint .json/.safetensors or run folder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--windows", type=int, default=None, help="validation windows (default: as trained)")
+    p.set_defaults(func=_eval)
+    p = sub.add_parser("trace", help="count a preset on the meta device (allocates nothing)")
+    p.add_argument("--preset", default="default_3b", choices=sorted(PRESETS))
+    p.add_argument("--weights", default="ternary", choices=("ternary", "float"))
+    p.set_defaults(func=_trace)
+    try:
+        from .viz.cli import add_viz_parser
+    except ImportError:
+        add_viz_parser = None
+    if add_viz_parser is not None:
+        add_viz_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"ternary-graph {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

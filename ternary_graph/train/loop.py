@@ -1,0 +1,302 @@
+"""The training loop behind ``ternary-graph train``: data, model, optimizer, eval, checkpoints.
+
+A run folder holds ``config.json`` (the resolved TrainConfig and ModelConfig),
+``metrics.jsonl`` (one JSON object per logged step), ``loss.png``, ``routing.png`` and the
+checkpoints ``ckpt_XXXXXXXX.{safetensors,json}``. A run is a pure function of its config:
+batches depend only on (seed, step) and every RNG state is checkpointed, so ``--resume``
+continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from ..config import ModelConfig, get_preset
+from ..ternary.optimizer import TernaryOptimizer, UpdateRule
+from ..ternary.state import float_parameters
+from .checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, load_state_dict_strict,
+                         restore_rng_state, save_checkpoint)
+from .data import (ByteDataset, collect_text_files, corpus_fingerprint, default_cache_dir, prepare_corpus,
+                   stdlib_source_files, unigram_bits_per_byte)
+
+logger = logging.getLogger(__name__)
+NATS_TO_BITS = 1.0 / math.log(2.0)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (the model shape comes from ``preset``)."""
+
+    preset: str = "tiny"  # model preset (see ternary_graph.config.PRESETS)
+    weights: str = "ternary"  # "ternary" (int8 votes) or "float" (same architecture, AdamW baseline)
+    steps: int = 1500  # optimizer steps
+    batch_size: int = 16  # sequences per step
+    seq_len: int = 128  # bytes per sequence
+    lr: float = 2e-3  # AdamW learning rate of float parameters (cosine decay, 5% warm-up)
+    weight_decay: float = 0.1  # AdamW weight decay of float parameters
+    threshold: int = 24  # θ at step 0: |T_accum| that makes a trit step
+    threshold_final: int | None = 48  # θ at the end of the ramp (None: constant θ)
+    scale_threshold: int = 64  # |E_accum| that makes a row scale step (0 freezes scales)
+    decay_shift: int | None = 4  # accumulators shrink by |acc| >> decay_shift each update
+    vote_magnitude: int = 4  # votes cast per backward pass, ±vote_magnitude
+    flip_prob: float = 1.0  # probability that a trit at threshold steps
+    eval_every: int = 250  # steps between validation passes (and at the end)
+    eval_windows: int = 256  # validation windows of seq_len bytes per pass (None-like 0: all)
+    checkpoint_every: int = 500  # steps between checkpoints (and at the end)
+    keep_last: int = 3  # checkpoints kept
+    log_every: int = 10  # steps between metrics.jsonl lines
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+    seed: int = 0  # model init, data order and optimizer coins
+    data: str | None = None  # text file or folder; None: the Python standard library sources
+    val_fraction: float = 0.05  # share of files held out for validation
+    out: str = "runs/tiny"  # run folder
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields to change
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("ternary", "float"):
+            raise ValueError(f"weights must be 'ternary' or 'float', got {self.weights!r}")
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "keep_last", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+
+    def model_config(self) -> ModelConfig:
+        cfg = get_preset(self.preset)
+        cfg = cfg.replace(**self.model_overrides) if self.model_overrides else cfg
+        if self.seq_len > cfg.max_seq_len:
+            cfg = cfg.replace(max_seq_len=self.seq_len)
+        return cfg
+
+    def update_rule(self) -> UpdateRule:
+        return UpdateRule(threshold=self.threshold, threshold_final=self.threshold_final,
+                          threshold_ramp_steps=self.steps if self.threshold_final is not None else 0,
+                          scale_threshold=self.scale_threshold, decay_shift=self.decay_shift,
+                          flip_prob=self.flip_prob, vote_magnitude=self.vote_magnitude)
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    final_train_loss: float
+    val_loss_nats: float
+    val_bits_per_byte: float
+    unigram_bits_per_byte: float
+    tokens_per_second: float
+    seconds: float
+    run_dir: str
+    interrupted: bool
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[ByteDataset, ByteDataset, dict]:
+    files = stdlib_source_files() if cfg.data is None else collect_text_files(cfg.data)
+    cache = default_cache_dir(corpus_fingerprint(files, cfg.val_fraction))
+    corpus = prepare_corpus(files, cache, cfg.val_fraction)
+    stats = dataclasses.asdict(corpus.stats)
+    return ByteDataset(corpus.train_path), ByteDataset(corpus.val_path), stats
+
+
+def cosine_lr(step: int, total: int, base: float) -> float:
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> TernaryOptimizer:
+    floats = float_parameters(model)
+    float_opt = torch.optim.AdamW(floats, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)) if floats else None
+    return TernaryOptimizer(model, cfg.update_rule(), float_optimizer=float_opt, seed=cfg.seed)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val: ByteDataset, cfg: TrainConfig) -> float:
+    """Mean validation cross-entropy in nats per byte over ``eval_windows`` windows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    max_windows = cfg.eval_windows if cfg.eval_windows > 0 else None
+    for x, y in val.validation_batches(cfg.batch_size, cfg.seq_len, max_windows):
+        out = model(x.to(cfg.device), y.to(cfg.device))
+        total += float(out.lm_loss) * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def _optimizer_tensors(opt: TernaryOptimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split the optimizer state into tensors (for safetensors) and JSON-safe metadata."""
+    state = opt.state_dict()
+    tensors = {"optim.generator": state["generator"]}
+    meta = {"step_count": state["step_count"], "rule": state["rule"]}
+    if "float_optimizer" in state:
+        fo = state["float_optimizer"]
+        meta["float_param_groups"] = fo["param_groups"]
+        meta["float_state_keys"] = {}
+        for pid, pstate in fo["state"].items():
+            meta["float_state_keys"][str(pid)] = sorted(pstate)
+            for key, value in pstate.items():
+                tensors[f"optim.float.{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, meta
+
+
+def _load_optimizer(opt: TernaryOptimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state = {"step_count": meta["step_count"], "rule": meta["rule"], "generator": tensors["optim.generator"]}
+    if "float_param_groups" in meta:
+        fstate = {int(pid): {key: tensors[f"optim.float.{pid}.{key}"] for key in keys}
+                  for pid, keys in meta["float_state_keys"].items()}
+        state["float_optimizer"] = {"state": fstate, "param_groups": meta["float_param_groups"]}
+    opt.load_state_dict(state)
+
+
+def save_run_checkpoint(run_dir: pathlib.Path, step: int, model, opt, cfg: TrainConfig, keep_last: int) -> pathlib.Path:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _optimizer_tensors(opt)
+    tensors.update(opt_tensors)
+    tensors.update({f"rng.{k}": v for k, v in capture_rng_state().items()})
+    meta = {"train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(cfg.model_config()),
+            "optimizer": opt_meta, "data_position": {"next_step": step, "seed": cfg.seed}}
+    return save_checkpoint(run_dir, step, tensors, meta, keep_last=keep_last)
+
+
+def load_model_from_checkpoint(path: str | pathlib.Path, device: str = "cpu"):
+    """Model, TrainConfig and checkpoint meta from a checkpoint file or run folder."""
+    from ..models.model import build_model
+    tensors, meta = load_checkpoint(path)
+    cfg = TrainConfig(**meta["train_config"])
+    cfg.device = device
+    model = build_model(ModelConfig(**meta["model_config"]), weights=cfg.weights, device=device, seed=cfg.seed)
+    load_state_dict_strict(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    return model, cfg, meta, tensors
+
+
+def _append_jsonl(path: pathlib.Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> RunSummary:
+    """Run (or resume) a training run; returns its summary. Ctrl-C checkpoints, then stops."""
+    from ..models.model import build_model
+    from ..viz.plots import plot_loss_curves, plot_routing_graph
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = pathlib.Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_ds, val_ds, corpus_stats = prepare_data(cfg)
+    logger.info("corpus: %s", corpus_stats)
+    unigram = unigram_bits_per_byte(train_ds, val_ds)
+    model_cfg = cfg.model_config()
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg, weights=cfg.weights, device=cfg.device, seed=cfg.seed)
+    opt = build_optimizer(model, cfg)
+    metrics_path = run_dir / "metrics.jsonl"
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise ValueError(f"--resume: no complete checkpoint in {run_dir}")
+        tensors, meta = load_checkpoint(ckpt)
+        saved = TrainConfig(**meta["train_config"])
+        if dataclasses.replace(saved, steps=cfg.steps, device=cfg.device, out=cfg.out, threads=cfg.threads) != cfg:
+            raise ValueError(f"--resume: the run in {run_dir} was made with a different config; "
+                             f"saved {dataclasses.asdict(saved)}")
+        load_state_dict_strict(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        _load_optimizer(opt, tensors, meta["optimizer"])
+        restore_rng_state({k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")})
+        start = meta["data_position"]["next_step"]
+        _truncate_metrics(metrics_path, start)
+    else:
+        metrics_path.write_text("")
+    (run_dir / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg),
+                                                     "model": dataclasses.asdict(model_cfg),
+                                                     "corpus": corpus_stats}, indent=2))
+
+    interrupted = False
+
+    def _on_sigint(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+
+    previous_handler = signal.signal(signal.SIGINT, _on_sigint)
+    model.train()
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    t_start = time.perf_counter()
+    loss_value, val_nats, tok_s = float("nan"), float("nan"), 0.0
+    step = start
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    try:
+        while step < cfg.steps and not interrupted:
+            t0 = time.perf_counter()
+            if opt.float_optimizer is not None:
+                for group in opt.float_optimizer.param_groups:
+                    group["lr"] = cosine_lr(step, cfg.steps, cfg.lr)
+            x, y = train_ds.sample_batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
+            out = model(x.to(cfg.device), y.to(cfg.device))
+            out.loss.backward()
+            stats = opt.step()
+            opt.zero_grad()
+            model.update_graph()
+            loss_value = float(out.lm_loss)
+            step += 1
+            tok_s = tokens_per_step / (time.perf_counter() - t0)
+            record = None
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                record = {"step": step, "train_loss": loss_value, "train_bits_per_byte": loss_value * NATS_TO_BITS,
+                          "aux_loss": float(out.aux_loss), "tokens_per_s": tok_s, "memory_bytes": _memory_bytes(cfg.device),
+                          "threshold": stats.threshold, "flip_rate": stats.flip_rate,
+                          "routing": model.routing_stats()}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val_nats = evaluate(model, val_ds, cfg)
+                record = record or {"step": step, "train_loss": loss_value}
+                record.update({"val_loss": val_nats, "val_bits_per_byte": val_nats * NATS_TO_BITS})
+            if record is not None:
+                _append_jsonl(metrics_path, record)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_run_checkpoint(run_dir, step, model, opt, cfg, cfg.keep_last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", val_bpb=f"{val_nats * NATS_TO_BITS:.3f}", tok_s=f"{tok_s:,.0f}")
+        if interrupted and step % cfg.checkpoint_every != 0:
+            path = save_run_checkpoint(run_dir, step, model, opt, cfg, cfg.keep_last)
+            bar.write(f"interrupted at step {step}: checkpoint written to {path}")
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous_handler)
+    if math.isnan(val_nats) and step > start:
+        val_nats = evaluate(model, val_ds, cfg)
+    plot_loss_curves([metrics_path], run_dir / "loss.png", labels=[cfg.weights])
+    plot_routing_graph(model, run_dir / "routing.png")
+    seconds = time.perf_counter() - t_start
+    return RunSummary(steps=step, final_train_loss=loss_value, val_loss_nats=val_nats,
+                      val_bits_per_byte=val_nats * NATS_TO_BITS, unigram_bits_per_byte=unigram,
+                      tokens_per_second=(step - start) * tokens_per_step / max(seconds, 1e-9), seconds=seconds,
+                      run_dir=str(run_dir), interrupted=interrupted)
+
+
+def _truncate_metrics(path: pathlib.Path, next_step: int) -> None:
+    """Drop metric lines past the checkpoint a resume starts from (they will be redone)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= next_step]
+    path.write_text("".join(line + "\n" for line in kept))
