@@ -83,7 +83,7 @@ def train_kge(model: KGEModel, train: Tensor, spec: ModelSpec, cfg: RunConfig) -
             loss = model.loss(head_index, rel_type, tail_index)
             loss.backward()
             optimizer.step()
-            total += float(loss) * head_index.numel()
+            total += loss.item() * head_index.numel()
             count += head_index.numel()
         history.append(total / max(count, 1))
     model.eval()

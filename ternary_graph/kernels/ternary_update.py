@@ -8,7 +8,9 @@ Rule (per trit, and likewise per row scale E with its own threshold):
 
 Three layers, as for every kernel: ``_update_kernel`` (Triton, in place over packed bytes:
 decode five trits, step, re-encode), the launcher ``_update_triton`` and the plain-torch
-``update_reference``. :func:`ternary_update_` dispatches on the device.
+``update_reference``. :func:`ternary_update_` dispatches on the device: CUDA tensors take the
+kernel, CPU tensors the reference. Deterministic updates (``flip_prob = 1``) agree bit for bit;
+stochastic ones draw their coins from different streams (Philox in the kernel, torch on CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from ..ternary.packing import check_packed, pack_trits, unpack_trits
 from ..ternary.saturating import decay_magnitude
 from ..ternary.state import E_MAX, E_MIN
+from ._triton import HAS_TRITON, check_kernel_tensors, tl, triton
 
 
 def _step_levels(values: torch.Tensor, acc: torch.Tensor, threshold: int, low: int, high: int,
@@ -128,5 +131,108 @@ def ternary_update_(
     return new[4]
 
 
-# The Triton launcher is defined below when Triton is importable; CPU tensors never need it.
-_update_triton = None
+# --- Triton kernel and launcher (defined only where Triton is importable) --------------------
+if HAS_TRITON:
+    _E_LO = tl.constexpr(E_MIN)
+    _E_HI = tl.constexpr(E_MAX)
+
+    @triton.jit
+    def _step_accumulator(acc, fire, DECAY: tl.constexpr, decay_shift):
+        """New accumulator: 0 where the element fired, else (optionally) decayed on its magnitude."""
+        if DECAY:
+            sgn = tl.where(acc > 0, 1, tl.where(acc < 0, -1, 0))
+            acc = acc - sgn * (tl.abs(acc) >> decay_shift)
+        return tl.where(fire, 0, acc)
+
+    @triton.jit(do_not_specialize=["R", "cols", "KB", "threshold", "scale_threshold", "decay_shift", "flip_prob",
+                                   "seed"])
+    def _update_kernel(p_ptr, t_ptr, e_ptr, ea_ptr, rows_ptr, flips_ptr, R, cols, KB, stride_pn, stride_tn,
+                       threshold, scale_threshold, decay_shift, flip_prob, seed,
+                       HAS_ROWS: tl.constexpr, DECAY: tl.constexpr, STOCHASTIC: tl.constexpr,
+                       UPDATE_E: tl.constexpr, BR: tl.constexpr, BKB: tl.constexpr):
+        pid_r = tl.program_id(0)
+        pid_j = tl.program_id(1)
+        ridx = pid_r * BR + tl.arange(0, BR)
+        r_ok = ridx < R
+        if HAS_ROWS:
+            row = tl.load(rows_ptr + ridx, mask=r_ok, other=0).to(tl.int64)
+        else:
+            row = ridx.to(tl.int64)
+        j = pid_j * BKB + tl.arange(0, BKB)
+        tile_ok = r_ok[:, None] & (j[None, :] < KB)
+        p_ptrs = p_ptr + row[:, None] * stride_pn + j[None, :]
+        b = tl.load(p_ptrs, mask=tile_ok, other=121).to(tl.int32)
+        rest = b
+        new_b = tl.zeros((BR, BKB), dtype=tl.int32)
+        changed = tl.zeros((BR, BKB), dtype=tl.int32)
+        power = 1
+        for i in tl.static_range(5):
+            digit = rest % 3
+            rest = rest // 3
+            col = 5 * j[None, :] + i
+            ok = tile_ok & (col < cols)  # padding trits have no accumulator and never move
+            t_ptrs = t_ptr + row[:, None] * stride_tn + col
+            acc = tl.load(t_ptrs, mask=ok, other=0).to(tl.int32)
+            fire = ok & (tl.abs(acc) >= threshold)
+            if STOCHASTIC:
+                fire = fire & (tl.rand(seed, row[:, None] * cols + col) < flip_prob)
+            sgn = tl.where(acc > 0, 1, tl.where(acc < 0, -1, 0))
+            new_digit = tl.where(fire, tl.minimum(tl.maximum(digit - sgn, 0), 2), digit)
+            tl.store(t_ptrs, _step_accumulator(acc, fire, DECAY, decay_shift).to(tl.int8), mask=ok)
+            changed += (new_digit != digit).to(tl.int32)
+            new_b += new_digit * power
+            power = power * 3
+        tl.store(p_ptrs, new_b.to(tl.uint8), mask=tile_ok)
+        tl.atomic_add(flips_ptr, tl.sum(tl.sum(changed, axis=1), axis=0))
+        if UPDATE_E:
+            if pid_j == 0:
+                e_acc = tl.load(ea_ptr + row, mask=r_ok, other=0).to(tl.int32)
+                e_val = tl.load(e_ptr + row, mask=r_ok, other=0).to(tl.int32)
+                fire_e = r_ok & (tl.abs(e_acc) >= scale_threshold)
+                if STOCHASTIC:
+                    # the row-scale coins use a second seed so they never share draws with trits
+                    fire_e = fire_e & (tl.rand(seed ^ 0x5BD1E995, row) < flip_prob)
+                sgn_e = tl.where(e_acc > 0, 1, tl.where(e_acc < 0, -1, 0))
+                e_new = tl.where(fire_e, tl.minimum(tl.maximum(e_val - sgn_e, _E_LO), _E_HI), e_val)
+                tl.store(e_ptr + row, e_new.to(tl.int8), mask=r_ok)
+                tl.store(ea_ptr + row, _step_accumulator(e_acc, fire_e, DECAY, decay_shift).to(tl.int8), mask=r_ok)
+
+    def _update_triton(packed: torch.Tensor, T_accum: torch.Tensor, E: torch.Tensor, E_accum: torch.Tensor,
+                       cols: int, *, threshold: int, scale_threshold: int, decay_shift: int | None = None,
+                       flip_prob: float = 1.0, seed: int = 0, rows: torch.Tensor | None = None) -> int:
+        """In-place Triton update of all rows, or of ``rows`` (unique ids); returns the flip count.
+
+        Shapes:
+            packed: (R, ceil(cols/5)) uint8;  T_accum: (R, cols) int8;  E, E_accum: (R,) int8
+            rows: (n,) integer ids or None
+        Same rule as :func:`update_reference`; with ``flip_prob < 1`` the coins come from
+        Triton's Philox stream (``tl.rand(seed, row * cols + col)``), so they differ from the
+        reference's torch stream but depend only on (seed, element), not on the launch shape.
+        """
+        check_update_args(packed, T_accum, E, E_accum, cols, threshold, scale_threshold, decay_shift, flip_prob)
+        check_kernel_tensors(packed=packed, T_accum=T_accum, E=E, E_accum=E_accum)
+        for name, t in (("packed", packed), ("T_accum", T_accum), ("E", E), ("E_accum", E_accum)):
+            if t.stride(-1) != 1:
+                raise ValueError(f"{name} must be contiguous along its last dim, got strides {t.stride()}")
+        if not isinstance(seed, int) or not 0 <= seed < 2**31:
+            raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+        if rows is not None:
+            rows = rows.to(device=packed.device, dtype=torch.int64).contiguous()
+            if rows.dim() != 1:
+                raise ValueError(f"rows must be a 1-D tensor of row ids, got shape {tuple(rows.shape)}")
+        n_rows = packed.shape[0] if rows is None else rows.numel()
+        kb = packed.shape[1]
+        if n_rows == 0 or kb == 0:
+            return 0
+        flips = torch.zeros(1, dtype=torch.int32, device=packed.device)
+        BR, BKB = 16, 64
+        grid = (triton.cdiv(n_rows, BR), triton.cdiv(kb, BKB))
+        _update_kernel[grid](packed, T_accum, E, E_accum, rows if rows is not None else packed, flips, n_rows, cols,
+                             kb, packed.stride(0), T_accum.stride(0), threshold, scale_threshold,
+                             decay_shift or 0, float(flip_prob), seed,
+                             HAS_ROWS=rows is not None, DECAY=bool(decay_shift), STOCHASTIC=flip_prob < 1.0,
+                             UPDATE_E=scale_threshold > 0, BR=BR, BKB=BKB, num_warps=4)
+        return int(flips.item())
+
+else:  # pragma: no cover - installs without Triton use the torch reference everywhere
+    _update_triton = None

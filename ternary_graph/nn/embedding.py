@@ -45,10 +45,11 @@ class TernaryEmbeddingTable(nn.Module):
         if ids.device != self.weight.packed.device:
             raise ValueError(f"{name} is on {ids.device} but the table is on {self.weight.packed.device}")
         flat = ids.reshape(-1).to(torch.long)
-        if flat.numel():
-            low, high = int(flat.min()), int(flat.max())
-            if low < 0 or high >= self.num_rows:
-                raise ValueError(f"{name} must lie in [0, {self.num_rows}), got values in [{low}, {high}]")
+        if flat.numel() and flat.device.type != "meta":
+            bad = flat[(flat < 0) | (flat >= self.num_rows)]
+            if bad.numel():
+                raise ValueError(f"{name} must lie in [0, {self.num_rows}), got {int(bad[0])} "
+                                 f"({bad.numel()} id(s) out of range)")
         return flat
 
     def forward(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -16,7 +16,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..kernels.ternary_update import ternary_update_
+# Module import, not a name: kernels.ternary_update imports ternary.packing, whose package
+# __init__ imports this file, so the name may not exist yet when this line runs.
+from ..kernels import ternary_update as _update_kernels
 from .state import TernaryState, ternary_states
 
 
@@ -110,7 +112,7 @@ class TernaryOptimizer:
             if rows is not None and rows.numel() == 0:
                 continue
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._generator))
-            flips += ternary_update_(state.packed, state.T_accum, state.E, state.E_accum, state.cols,
+            flips += _update_kernels.ternary_update_(state.packed, state.T_accum, state.E, state.E_accum, state.cols,
                                      threshold=threshold, scale_threshold=self.rule.scale_threshold,
                                      decay_shift=self.rule.decay_shift, flip_prob=self.rule.flip_prob,
                                      seed=seed, rows=rows)

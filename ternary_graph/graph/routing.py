@@ -1,0 +1,470 @@
+"""Routing maths of MoEGraph as pure functions on tensors.
+
+Nothing here owns state: the layer (``moegraph.py``) passes its integer buffers in and writes
+what these functions return back into them. The pieces, in the order a step uses them:
+
+1. **Edge lookup.** Edges are kept sorted by source code, so the edges of a batch's codes are
+   found with one ``torch.searchsorted`` (O(tokens · log capacity)); every code has at most
+   ``fanout`` edges, so the candidates of a token fit a fixed (tokens, fanout) window.
+2. **Selection.** Candidates are the token's edge experts plus its top ``centroid_candidates``
+   experts by centroid score (duplicates merge into one candidate). Selection logit
+   ``= centroid score + edge bonus + load bias · load_unit``; the top ``top_k`` are routed.
+3. **Gates.** ``torch_geometric.utils.softmax`` over each token's routed experts of
+   ``centroid score + edge bonus``. The load bias steers selection only, never the gate
+   values (as in auxiliary-loss-free balancing), so it does not distort the outputs.
+4. **Dispatch / combine.** Pairs are sorted by expert, every expert runs once on its
+   contiguous slice, and ``torch_geometric.utils.scatter(reduce='sum')`` adds the gated
+   outputs back per token.
+5. **Votes.** The edge bonus of each routed pair enters the gate logit through
+   :class:`EdgeVoteFunction` (``centroid score + bonus``), whose backward receives ``∂L/∂logit`` of every pair and turns it
+   into the int32 vote ``-sign(∂L/∂logit)`` (+1: raising this pair's gate lowers the loss),
+   summed per (code, expert) pair into a :class:`VoteSink`. No float is kept.
+6. **Graph update.** Matched edges move their int8 score by the clamped net vote (saturating);
+   unmatched pairs with enough positive votes are inserted; per code at most ``fanout``
+   edges and in all at most ``capacity`` edges survive, the lowest scores evicted first.
+
+Edge bonus (the exact formula, ``edge_bonus``)::
+
+    attr  = +1 if score > attr_threshold, -1 if score < -attr_threshold, else 0
+    bonus = bonus_scale * attr * (1 + |score| / score_unit)
+
+with the defaults ``attr_threshold = 8``, ``score_unit = 32``, ``bonus_scale = 1``: a
+neutral edge adds 0, a confirmed edge adds between +1.28 and +4.97 logits, a suppressing one
+subtracts as much. Centroid scores are unit-variance at init (see ``MoEGraph``), so a
+confirmed edge outweighs typical centroid differences without making them irrelevant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch_geometric.utils import scatter, softmax
+
+from ..ternary.saturating import saturating_add
+
+INACTIVE_SRC = 2**31 - 1  # src of an unused slot in the sorted active-edge arrays; above every code id
+MAX_CODEBOOK_SIZE = INACTIVE_SRC  # code ids must stay below the sentinel
+
+
+@dataclass
+class GraphRule:
+    """Hyper-parameters of edge bonus, edge learning and load balancing (all integer state)."""
+
+    attr_threshold: int = 8  # |score| above which an edge's ternary attr is ±1
+    score_unit: int = 32  # score units per extra logit of bonus: bonus = a·scale·(1 + |s|/unit)
+    bonus_scale: float = 1.0  # logits of bonus of an edge just past the threshold (before |s|/unit)
+    max_score_step: int = 2  # most an edge score moves in one update, whatever the net vote
+    insert_min_votes: int = 2  # net positive votes a non-edge pair needs in one update to be inserted
+    load_step: int = 1  # how much an expert's int8 load bias moves per update
+    load_unit: float = 1.0 / 32  # selection logits per unit of load bias (±127 -> ±3.97)
+    load_tolerance: float = 0.1  # no nudge while |load - mean| <= load_tolerance · mean
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attr_threshold, int) or not 0 <= self.attr_threshold < 127:
+            raise ValueError(f"attr_threshold must be an int in 0..126, got {self.attr_threshold!r}")
+        if not isinstance(self.score_unit, int) or self.score_unit < 1:
+            raise ValueError(f"score_unit must be a positive int, got {self.score_unit!r}")
+        if not self.bonus_scale >= 0:
+            raise ValueError(f"bonus_scale must be >= 0, got {self.bonus_scale!r}")
+        if not isinstance(self.max_score_step, int) or not 1 <= self.max_score_step <= 127:
+            raise ValueError(f"max_score_step must be an int in 1..127, got {self.max_score_step!r}")
+        if not isinstance(self.insert_min_votes, int) or self.insert_min_votes < 1:
+            raise ValueError(f"insert_min_votes must be a positive int, got {self.insert_min_votes!r}")
+        if not isinstance(self.load_step, int) or not 0 <= self.load_step <= 127:
+            raise ValueError(f"load_step must be an int in 0..127, got {self.load_step!r}")
+        if not self.load_unit >= 0:
+            raise ValueError(f"load_unit must be >= 0, got {self.load_unit!r}")
+        if not self.load_tolerance >= 0:
+            raise ValueError(f"load_tolerance must be >= 0, got {self.load_tolerance!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# edge attributes and bonus
+# --------------------------------------------------------------------------------------------
+def edge_attr_from_score(score: torch.Tensor, threshold: int) -> torch.Tensor:
+    """Ternary edge sign: +1 where score > threshold, -1 where score < -threshold, else 0.
+
+    Shapes: score (n,) int8 -> (n,) int8
+    """
+    s = score.to(torch.int16)
+    return ((s > threshold).to(torch.int8) - (s < -threshold).to(torch.int8))
+
+
+def edge_bonus(attr: torch.Tensor, score: torch.Tensor, rule: GraphRule,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``bonus_scale · attr · (1 + |score| / score_unit)`` (see the module docstring).
+
+    Shapes: attr, score (*) int8 -> (*) ``dtype``
+    """
+    mag = 1.0 + score.to(dtype).abs() / rule.score_unit
+    return attr.to(dtype) * mag * rule.bonus_scale
+
+
+# --------------------------------------------------------------------------------------------
+# lookup
+# --------------------------------------------------------------------------------------------
+def lookup_sorted_edges(src: torch.Tensor, codes: torch.Tensor, fanout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edge slots out of each code, for edges sorted by ``src`` (inactive slots hold INACTIVE_SRC).
+
+    Shapes:
+        src: (capacity,) int32, non-decreasing
+        codes: (T,) int64
+        returns: slots (T, fanout) int64 in [0, capacity), valid (T, fanout) bool
+    """
+    n = src.shape[0]
+    offsets = torch.arange(fanout, device=codes.device)
+    if n == 0:
+        empty = torch.zeros(codes.shape[0], fanout, dtype=torch.long, device=codes.device)
+        return empty, empty.bool()
+    q = codes.to(src.dtype)
+    lo = torch.searchsorted(src, q)
+    hi = torch.searchsorted(src, q, right=True)
+    slots = lo[:, None] + offsets
+    valid = slots < hi[:, None]
+    return slots.clamp_(max=n - 1), valid
+
+
+def lookup_dense_edges(codes: torch.Tensor, fanout: int) -> torch.Tensor:
+    """Dense layout: code ``c`` owns slots ``c·fanout .. c·fanout + fanout - 1``.
+
+    Shapes: codes (T,) int64 -> (T, fanout) int64
+    """
+    return codes[:, None] * fanout + torch.arange(fanout, device=codes.device)
+
+
+# --------------------------------------------------------------------------------------------
+# selection, gates, dispatch
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Selection:
+    """Routed experts of every token. Shapes: all (T, top_k)."""
+
+    expert: torch.Tensor  # int64, best first
+    bonus: torch.Tensor  # float, edge bonus of the pair (0 where no edge)
+    via_edge: torch.Tensor  # bool, the pair is an edge of the token's code
+
+
+@torch.no_grad()
+def select_experts(scores: torch.Tensor, select_bias: torch.Tensor | None, edge_expert: torch.Tensor,
+                   edge_bonus_: torch.Tensor, edge_valid: torch.Tensor, top_k: int,
+                   centroid_candidates: int) -> Selection:
+    """Top-k over each token's candidates (edge experts ∪ top centroid experts), duplicates merged.
+
+    Candidates are marked in a (T, E) mask, which merges an expert proposed both by an edge and
+    by its centroid into one candidate, carrying the edge's bonus.
+
+    Shapes:
+        scores: (T, E) float centroid scores
+        select_bias: (E,) float load term added for selection only, or None
+        edge_expert: (T, F) int64; edge_bonus_: (T, F) float; edge_valid: (T, F) bool
+        returns: :class:`Selection` of (T, top_k)
+    """
+    T, E = scores.shape
+    sel = scores.detach().float()
+    if select_bias is not None:
+        sel = sel + select_bias.float()
+    candidate = torch.zeros(T, E, dtype=torch.bool, device=scores.device)
+    if centroid_candidates > 0:
+        candidate.scatter_(1, sel.topk(centroid_candidates, dim=1).indices, True)
+    # scatter_add, not scatter_: an invalid slot (redirected to expert 0 with weight 0) must
+    # not overwrite a valid edge to expert 0 in the same row.
+    dst = torch.where(edge_valid, edge_expert, 0)
+    w = edge_valid.float()
+    is_edge = torch.zeros(T, E, device=scores.device).scatter_add_(1, dst, w) > 0
+    bonus = torch.zeros(T, E, device=scores.device).scatter_add_(1, dst, edge_bonus_.float() * w)
+    logits = torch.where(candidate | is_edge, sel + bonus, float("-inf"))
+    expert = logits.topk(top_k, dim=1).indices
+    return Selection(expert=expert, bonus=bonus.gather(1, expert).to(scores.dtype),
+                     via_edge=is_edge.gather(1, expert))
+
+
+def gate_softmax(logits: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Gates: softmax of the pair logits over each token's routed experts (PyG sparse softmax).
+
+    Shapes: logits (P,) float, token (P,) int64 in [0, num_tokens) -> (P,) float
+    """
+    return softmax(logits, token, num_nodes=num_tokens)
+
+
+def dispatch_combine(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor,
+                     experts: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """``y[t] = Σ_{pairs p of t} gate[p] · experts[expert[p]](x[t])``.
+
+    Pairs are sorted by expert once; each expert runs on its contiguous slice, so there is one
+    host sync (the per-expert counts) per call, not one per expert. Experts with no token are
+    not called.
+
+    Shapes:
+        x: (T, D_in); token, expert: (P,) int64; gate: (P,) float
+        returns: (T, D_out), dtype of the expert outputs
+    """
+    num_tokens = x.shape[0]
+    order = torch.argsort(expert, stable=True)
+    tok_sorted = token.index_select(0, order)
+    counts = torch.bincount(expert, minlength=len(experts)).tolist()
+    xs = x.index_select(0, tok_sorted)
+    pieces = []
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            pieces.append(experts[e](xs[start:start + n]))
+            start += n
+    if not pieces:
+        return x.new_zeros(num_tokens, x.shape[1])
+    ys = torch.cat(pieces, dim=0)
+    ys = ys * gate.index_select(0, order).to(ys.dtype)[:, None]
+    return scatter(ys, tok_sorted, dim=0, dim_size=num_tokens, reduce="sum")
+
+
+# --------------------------------------------------------------------------------------------
+# votes
+# --------------------------------------------------------------------------------------------
+def pair_votes(grad: torch.Tensor) -> torch.Tensor:
+    """int32 vote ``-sign(∂L/∂logit)`` per pair; NaN/Inf gradients vote 0.
+
+    Shapes: grad (P,) float -> (P,) int32
+    """
+    finite = torch.isfinite(grad)
+    return (-torch.sign(torch.where(finite, grad, torch.zeros_like(grad)))).to(torch.int32)
+
+
+def aggregate_votes(code: torch.Tensor, expert: torch.Tensor, votes: torch.Tensor,
+                    num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum votes per unique (code, expert) pair; pairs come out sorted by (code, expert).
+
+    Shapes: code, expert (P,) int64; votes (P,) int -> (n,) int64, (n,) int64, (n,) int32
+    """
+    key = code.long() * num_experts + expert.long()
+    unique, inverse = torch.unique(key, return_inverse=True)
+    summed = torch.zeros(unique.numel(), dtype=torch.int32, device=votes.device)
+    summed.index_add_(0, inverse, votes.to(torch.int32))
+    return unique // num_experts, unique % num_experts, summed
+
+
+class VoteSink:
+    """Transient holder of net votes per (code, expert) pair until the graph update takes them.
+
+    Not a buffer and not in any state_dict: it lives between a backward and the next
+    ``update_graph()``, and always holds one aggregated triple, so repeated backwards (gradient
+    accumulation, a layer applied twice) stay bounded by the number of distinct pairs.
+    """
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def add(self, code: torch.Tensor, expert: torch.Tensor, votes: torch.Tensor) -> None:
+        if self._pending is not None:
+            c, e, v = self._pending
+            code, expert, votes = torch.cat([c, code]), torch.cat([e, expert]), torch.cat([v, votes])
+        self._pending = aggregate_votes(code, expert, votes, self.num_experts)
+
+    def take(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pending (code, expert, votes), emptied; empty tensors if nothing was voted."""
+        if self._pending is None:
+            z = torch.zeros(0, dtype=torch.long, device=device)
+            return z, z.clone(), z.to(torch.int32)
+        out, self._pending = self._pending, None
+        return out
+
+    def __len__(self) -> int:
+        return 0 if self._pending is None else int(self._pending[0].numel())
+
+
+class EdgeVoteFunction(torch.autograd.Function):
+    """``centroid_logit + bonus`` per routed pair, whose backward also casts the pairs' votes.
+
+    The bonus comes from int8 edge state and needs no gradient; the gradient that arrives is
+    ``∂L/∂logit`` of each routed (token, expert) pair: it flows on to the centroid score
+    unchanged and is turned into ``pair_votes`` summed per (code, expert) in ``sink``. Riding
+    on the centroid logit (which requires grad whenever the centroid table records votes)
+    means no extra anchor tensor is needed to make backward run.
+
+    Shapes: centroid_logit, bonus (P,) float; code, expert (P,) int64 -> (P,) float
+    """
+
+    @staticmethod
+    def forward(ctx, centroid_logit, bonus, code, expert, sink: VoteSink):
+        ctx.code, ctx.expert, ctx.sink = code, expert, sink
+        return centroid_logit + bonus
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.sink.add(ctx.code, ctx.expert, pair_votes(grad))
+        return grad, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# graph update
+# --------------------------------------------------------------------------------------------
+def match_edges(src: torch.Tensor, dst: torch.Tensor, code: torch.Tensor, expert: torch.Tensor,
+                fanout: int) -> torch.Tensor:
+    """Slot of edge (code → expert) in src-sorted edge arrays, or -1 where there is none.
+
+    Shapes: src, dst (N,) int32 (src non-decreasing); code, expert (n,) int64 -> (n,) int64
+    """
+    if code.numel() == 0 or src.numel() == 0:
+        return torch.full_like(code, -1)
+    slots, valid = lookup_sorted_edges(src, code, fanout)
+    hit = valid & (dst.long()[slots] == expert[:, None])
+    found = hit.any(dim=1)
+    first = slots.gather(1, hit.to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1)
+    return torch.where(found, first, -1)
+
+
+def apply_score_votes(score: torch.Tensor, slots: torch.Tensor, votes: torch.Tensor,
+                      max_step: int) -> torch.Tensor:
+    """New int8 scores: ``score[slots] += clamp(votes, ±max_step)``, saturating at ±127.
+
+    ``slots`` must be unique (one vote total per edge). ``score`` is not modified.
+
+    Shapes: score (N,) int8; slots (n,) int64; votes (n,) int32 -> (N,) int8
+    """
+    out = score.clone()
+    if slots.numel():
+        step = votes.clamp(-max_step, max_step)
+        out[slots] = saturating_add(score[slots], step)
+    return out
+
+
+def top_per_code(src: torch.Tensor, score: torch.Tensor, is_new: torch.Tensor, fanout: int) -> torch.Tensor:
+    """Mask keeping, for every code, its ``fanout`` best edges (higher score first; on a tie an
+    existing edge beats a new one, then the earlier entry wins).
+
+    Shapes: src (n,) int, score (n,) int, is_new (n,) bool -> (n,) bool
+    """
+    n = src.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=src.device)
+    # Lexicographic order by successive stable sorts, least significant key first.
+    order = torch.argsort(is_new.to(torch.int8), stable=True)
+    order = order[torch.argsort(-score.long()[order], stable=True)]
+    order = order[torch.argsort(src.long()[order], stable=True)]
+    s_sorted = src.long()[order]
+    rank = torch.arange(n, device=src.device) - torch.searchsorted(s_sorted, s_sorted)
+    keep = torch.zeros(n, dtype=torch.bool, device=src.device)
+    keep[order] = rank < fanout
+    return keep
+
+
+@dataclass
+class MergeResult:
+    """Edges after an insertion round; arrays are full buffers (capacity,) sorted by (src, dst)."""
+
+    src: torch.Tensor  # int32, INACTIVE_SRC in unused slots
+    dst: torch.Tensor  # int32
+    score: torch.Tensor  # int8
+    num_active: int
+    inserted: int
+    evicted: int
+
+
+def merge_active_edges(src: torch.Tensor, dst: torch.Tensor, score: torch.Tensor, num_active: int,
+                       new_src: torch.Tensor, new_dst: torch.Tensor, new_score: torch.Tensor, *,
+                       fanout: int, capacity: int, num_experts: int) -> MergeResult:
+    """Insert new edges into the bounded active set.
+
+    The pool (existing ∪ new) keeps at most ``fanout`` edges per code, then at most ``capacity``
+    edges in all, dropping the lowest scores first (an existing edge wins a tie against a new
+    one). ``new_*`` must not repeat an existing or another new (src, dst) pair.
+
+    Shapes:
+        src, dst: (capacity,) int32; score: (capacity,) int8; first ``num_active`` valid
+        new_src, new_dst: (m,) int64; new_score: (m,) int8
+    """
+    n = num_active
+    p_src = torch.cat([src[:n].long(), new_src.long()])
+    p_dst = torch.cat([dst[:n].long(), new_dst.long()])
+    p_score = torch.cat([score[:n], new_score.to(torch.int8)])
+    p_new = torch.cat([torch.zeros(n, dtype=torch.bool, device=src.device),
+                       torch.ones(new_src.numel(), dtype=torch.bool, device=src.device)])
+    idx = top_per_code(p_src, p_score, p_new, fanout).nonzero().squeeze(1)
+    if idx.numel() > capacity:
+        order = torch.argsort(p_new[idx].to(torch.int8), stable=True)
+        order = order[torch.argsort(-p_score[idx][order].long(), stable=True)]
+        idx = idx[order[:capacity]]
+    idx = idx[torch.argsort(p_src[idx] * num_experts + p_dst[idx])]
+    k = idx.numel()
+    out_src = torch.full((capacity,), INACTIVE_SRC, dtype=torch.int32, device=src.device)
+    out_dst = torch.zeros(capacity, dtype=torch.int32, device=src.device)
+    out_score = torch.zeros(capacity, dtype=torch.int8, device=src.device)
+    out_src[:k] = p_src[idx].to(torch.int32)
+    out_dst[:k] = p_dst[idx].to(torch.int32)
+    out_score[:k] = p_score[idx]
+    inserted = int(p_new[idx].sum())
+    return MergeResult(out_src, out_dst, out_score, k, inserted, n - (k - inserted))
+
+
+def rewire_dense_edges(edge_index: torch.Tensor, score: torch.Tensor, new_src: torch.Tensor,
+                       new_dst: torch.Tensor, new_score: torch.Tensor, *,
+                       fanout: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Dense layout: a new edge replaces its code's lowest-score edge if that score is lower.
+
+    Each code keeps exactly ``fanout`` edges, stored sorted by dst within the code's slots.
+    Inputs are not modified.
+
+    Shapes:
+        edge_index: (2, codes·fanout) int32; score: (codes·fanout,) int8
+        new_src, new_dst: (m,) int64 (pairs not already edges); new_score: (m,) int8
+        returns: new edge_index, new score, number of edges replaced
+    """
+    ei, sc = edge_index.clone(), score.clone()
+    if new_src.numel() == 0:
+        return ei, sc, 0
+    codes = torch.unique(new_src.long())
+    slots = (codes[:, None] * fanout + torch.arange(fanout, device=codes.device)).reshape(-1)
+    p_src = torch.cat([codes.repeat_interleave(fanout), new_src.long()])
+    p_dst = torch.cat([edge_index[1, slots].long(), new_dst.long()])
+    p_score = torch.cat([score[slots], new_score.to(torch.int8)])
+    p_new = torch.cat([torch.zeros(slots.numel(), dtype=torch.bool, device=codes.device),
+                       torch.ones(new_src.numel(), dtype=torch.bool, device=codes.device)])
+    idx = top_per_code(p_src, p_score, p_new, fanout).nonzero().squeeze(1)
+    # Exactly fanout survivors per code (it had fanout edges before); in (code, dst) order they
+    # line up with the code's slots, since codes are unique and sorted.
+    idx = idx[torch.argsort(p_src[idx] * num_experts + p_dst[idx])]
+    ei[1, slots] = p_dst[idx].to(torch.int32)
+    sc[slots] = p_score[idx]
+    return ei, sc, int(p_new[idx].sum())
+
+
+def load_bias_update(bias: torch.Tensor, load: torch.Tensor, step: int, tolerance: float) -> torch.Tensor:
+    """Nudge each expert's int8 bias against the sign of its load deviation (saturating).
+
+    An expert more than ``tolerance`` above the mean load loses ``step``; one more than
+    ``tolerance`` below gains ``step``. ``bias`` is not modified.
+
+    Shapes: bias (E,) int8; load (E,) int64 tokens routed per expert -> (E,) int8
+    """
+    total = int(load.sum())
+    if total == 0 or step == 0:
+        return bias.clone()
+    num = load.numel()
+    dev = load.double() * num - total  # (load - mean) · E, exact in float64 for any real count
+    band = tolerance * total
+    direction = (dev < -band).to(torch.int32) - (dev > band).to(torch.int32)
+    return saturating_add(bias, direction * step)
+
+
+# --------------------------------------------------------------------------------------------
+# the routing of one batch
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Routing:
+    """The routing of one batch: a bipartite token → expert graph (detached, on the input's device).
+
+    Shapes: every field (P,) with P = tokens · top_k, ordered token-major, best expert first.
+    """
+
+    token: torch.Tensor  # int64 token index in the flattened batch
+    expert: torch.Tensor  # int64
+    gate: torch.Tensor  # float32 gate weight
+    via_edge: torch.Tensor  # bool: the pair is an edge of the token's code
+    code: torch.Tensor  # int64 code id of the token
+    num_tokens: int
+    num_experts: int
+
+    def load(self) -> torch.Tensor:
+        """(E,) int64 routed pairs per expert."""
+        return torch.bincount(self.expert, minlength=self.num_experts)

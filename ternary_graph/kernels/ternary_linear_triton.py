@@ -1,0 +1,486 @@
+"""Triton kernels and launchers for ``y = x · (T ⊙ s)ᵀ`` over base-3 packed trits.
+
+Imported lazily by ``ternary_linear.py`` when a CUDA tensor arrives (and directly by the tests,
+which run these kernels on CPU tensors under ``TRITON_INTERPRET=1``). The torch references
+live in ``ternary_linear.py``; ``docs/kernels.md`` has the measurements behind every choice.
+
+Layout. ``packed`` is (N, KB) uint8, KB = ceil(K / 5); byte ``b`` of row ``n`` at byte column
+``j`` holds the trits of columns ``5j .. 5j+4`` as ``b = Σ (t_i + 1)·3^i``. A tile of bytes is
+therefore five *digit planes*: plane ``i`` holds columns ``5j + i``. Every matrix kernel
+multiplies plane by plane (five ``tl.dot`` per byte tile) and lets the activation tile of plane
+``i`` be the strided columns ``5j + i``; for large M the launcher first copies x into a
+plane-major (M, 5, KBp) buffer so that those loads are contiguous and 16-byte aligned.
+
+Decoding (per byte, no division and no int→float conversion instruction):
+  * ``q = (b·17261 + 16383) >> 14`` equals ``ceil(b·256/243)``, an 8-bit fixed-point fraction
+    ``b / 243`` (checked exhaustively in the tests);
+  * ``t = 3q; digit = t >> 8; q = t & 255`` pops base-3 digits, most significant (plane 4) first;
+  * ``float(digit) - 1`` is built as ``bitcast(0x4B000000 | digit) - 8388609.0`` (2^23 + digit).
+
+Kernels:
+  * ``_forward_dot_kernel``: GEMM / small-M path, a (BM, BN) output tile, five dots per byte tile.
+  * ``_gemv_fma_kernel``: M = 1, decode + fp32 FMA, row sums.
+  * ``_gemv_lut_kernel``: M = 1, per group of five activations the 243 partial sums (built in
+    registers by the program), one ``tl.gather`` + add per packed byte; split-K over programs.
+  * ``_grad_input_kernel``: grad_input = (grad·s) · T, five accumulators (one per digit plane).
+  * ``_votes_kernel``: dW tile by tile in registers, cast straight into int8 ``T_accum`` votes
+    (saturating at ±127; NaN/Inf cast none) and the per-row Σ_k dW·T into an fp32 N-vector
+    (atomics); the launcher turns that vector into ``E_accum`` votes. No fp32 dW is written.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ternary.packing import packed_cols
+from ..ternary.saturating import saturating_add_
+from ._triton import check_kernel_tensors, interpreting
+from .ternary_linear import linear_backward_reference, linear_forward_reference, sign_votes
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FORWARD_PATHS = ("auto", "gemv_lut", "gemv_fma", "dot", "gemm")
+SMALL_M = 16  # M at or below which the forward uses the skinny dot path (and M == 1 the GEMV)
+# Which M = 1 kernel "auto" takes; chosen from the measurements in docs/kernels.md.
+DEFAULT_GEMV = "gemv_lut"
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
+
+
+# --------------------------------------------------------------------------------------------
+# jit helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _row_scale(e):
+    """fp32 ``2 ** (E / 4)`` built exactly: a power of two times one of four constants."""
+    e = e.to(tl.int32)
+    p2 = (((e >> 2) + 127) << 23).to(tl.float32, bitcast=True)  # 2**floor(E/4); E/4 in [-32, 32)
+    r = e & 3
+    frac = tl.where(r == 0, 1.0, tl.where(r == 1, 1.189207115002721,
+                                          tl.where(r == 2, 1.4142135623730951, 1.681792830507429)))
+    return p2 * frac
+
+
+@triton.jit
+def _q_of_byte(b):
+    """ceil(b·256/243) for b in 0..242: the byte as an 8-bit base-3 fixed-point fraction."""
+    return (b * 17261 + 16383) >> 14
+
+
+@triton.jit
+def _next_trit(q):
+    """Pop the most significant remaining digit: returns (trit as fp32 in {-1, 0, 1}, rest)."""
+    t = q * 3
+    w = ((t >> 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388609.0
+    return w, t & 255
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: the CPU interpreter multiplies bf16 tiles as raw uint16 words (numpy has no bf16),
+    # so under it 16-bit tiles are widened first; values are exact in fp32, the maths identical.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _grouped_pid(pid, num_a, num_b, GROUP: tl.constexpr):
+    """Map a linear program id to (a, b) tiles, GROUP tiles of ``a`` at a time (L2 reuse)."""
+    per_group = GROUP * num_b
+    first_a = (pid // per_group) * GROUP
+    size = tl.minimum(num_a - first_a, GROUP)
+    a = first_a + (pid % per_group) % size
+    b = (pid % per_group) // size
+    return a, b
+
+
+@triton.jit
+def _load_plane(x_rows, row_mask, j, i: tl.constexpr, K, stride_xi, stride_xj, X_PADDED: tl.constexpr):
+    """Activation tile of digit plane ``i``: columns ``5j + i`` (zeros past K)."""
+    ptrs = x_rows + i * stride_xi + j[None, :] * stride_xj
+    if X_PADDED:  # plane-major copy, zero-padded to a whole number of byte tiles
+        return tl.load(ptrs, mask=row_mask, other=0.0)
+    else:
+        return tl.load(ptrs, mask=row_mask & (5 * j[None, :] + i < K), other=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# forward kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["M", "N", "K", "KB"])  # sizes vary per call; recompiling per value buys nothing
+def _forward_dot_kernel(x_ptr, p_ptr, e_ptr, y_ptr, M, N, K, KB,
+                        stride_xm, stride_xi, stride_xj, stride_pn, stride_ym,
+                        BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr, GROUP_M: tl.constexpr,
+                        X_PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_j = tl.arange(0, BKB)
+    m_mask = offs_m[:, None] < M
+    n_mask = offs_n[:, None] < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    p_rows = p_ptr + offs_n[:, None].to(tl.int64) * stride_pn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kb0 in range(0, KB, BKB):
+        j = kb0 + offs_j
+        # masked bytes read as 121 = five zero trits
+        b = tl.load(p_rows + j[None, :], mask=n_mask & (j[None, :] < KB), other=121).to(tl.int32)
+        q = _q_of_byte(b)
+        for r in tl.static_range(5):
+            w, q = _next_trit(q)
+            xi = _load_plane(x_rows, m_mask, j, 4 - r, K, stride_xi, stride_xj, X_PADDED)
+            acc = _dot(xi, tl.trans(w.to(xi.dtype)), acc, PREC, UPCAST)
+    e = tl.load(e_ptr + offs_n, mask=offs_n < N, other=0)
+    y = acc * _row_scale(e)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask & (offs_n[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["N", "K", "KB"])  # sizes vary per call; recompiling per value buys nothing
+def _gemv_fma_kernel(x_ptr, p_ptr, e_ptr, y_ptr, N, K, KB, stride_pn,
+                     BN: tl.constexpr, BKB: tl.constexpr):
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs_j = tl.arange(0, BKB)
+    n_mask = offs_n[:, None] < N
+    p_rows = p_ptr + offs_n[:, None].to(tl.int64) * stride_pn
+    acc = tl.zeros((BN, BKB), dtype=tl.float32)
+    for kb0 in range(0, KB, BKB):
+        j = kb0 + offs_j
+        b = tl.load(p_rows + j[None, :], mask=n_mask & (j[None, :] < KB), other=121).to(tl.int32)
+        q = _q_of_byte(b)
+        for r in tl.static_range(5):
+            w, q = _next_trit(q)
+            col = 5 * j + (4 - r)
+            xi = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
+            acc += w * xi[None, :]
+    e = tl.load(e_ptr + offs_n, mask=offs_n < N, other=0)
+    y = tl.sum(acc, axis=1) * _row_scale(e)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit(do_not_specialize=["N", "K", "KB", "KB_PER_SPLIT"])  # sizes vary per call; recompiling per value buys nothing
+def _gemv_lut_kernel(x_ptr, p_ptr, e_ptr, out_ptr, N, K, KB, stride_pn, KB_PER_SPLIT,
+                     BN: tl.constexpr, G: tl.constexpr, ATOMIC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    kb_start = tl.program_id(1) * KB_PER_SPLIT
+    kb_end = tl.minimum(kb_start + KB_PER_SPLIT, KB)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_g = tl.arange(0, G)
+    n_mask = offs_n[:, None] < N
+    p_rows = p_ptr + offs_n[:, None].to(tl.int64) * stride_pn
+    # trit planes of every byte value 0..255 (243..255 never occur in valid packings; they
+    # keep any corrupt byte inside the table)
+    code = tl.arange(0, 256)[:, None]
+    t0 = (code % 3 - 1).to(tl.float32)
+    t1 = (code // 3 % 3 - 1).to(tl.float32)
+    t2 = (code // 9 % 3 - 1).to(tl.float32)
+    t3 = (code // 27 % 3 - 1).to(tl.float32)
+    t4 = (code // 81 % 3 - 1).to(tl.float32)
+    acc = tl.zeros((BN, G), dtype=tl.float32)
+    for kb0 in range(kb_start, kb_end, G):
+        g = kb0 + offs_g
+        g_ok = g < kb_end
+        col = 5 * g
+        x0 = tl.load(x_ptr + col, mask=g_ok & (col < K), other=0.0).to(tl.float32)[None, :]
+        x1 = tl.load(x_ptr + col + 1, mask=g_ok & (col + 1 < K), other=0.0).to(tl.float32)[None, :]
+        x2 = tl.load(x_ptr + col + 2, mask=g_ok & (col + 2 < K), other=0.0).to(tl.float32)[None, :]
+        x3 = tl.load(x_ptr + col + 3, mask=g_ok & (col + 3 < K), other=0.0).to(tl.float32)[None, :]
+        x4 = tl.load(x_ptr + col + 4, mask=g_ok & (col + 4 < K), other=0.0).to(tl.float32)[None, :]
+        lut = t0 * x0 + t1 * x1 + t2 * x2 + t3 * x3 + t4 * x4  # (256, G): byte value -> partial sum
+        b = tl.load(p_rows + g[None, :], mask=n_mask & g_ok[None, :], other=121).to(tl.int32)
+        acc += tl.gather(lut, b, axis=0)
+    e = tl.load(e_ptr + offs_n, mask=offs_n < N, other=0)
+    part = tl.sum(acc, axis=1) * _row_scale(e)
+    if ATOMIC:
+        tl.atomic_add(out_ptr + offs_n, part, mask=offs_n < N)
+    else:
+        tl.store(out_ptr + offs_n, part.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+# --------------------------------------------------------------------------------------------
+# backward kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _store_plane(out_rows, row_mask, acc, offs_j, i: tl.constexpr, K):
+    col = 5 * offs_j + i
+    tl.store(out_rows + col[None, :], acc.to(out_rows.dtype.element_ty), mask=row_mask & (col[None, :] < K))
+
+
+@triton.jit(do_not_specialize=["M", "N", "K", "KB"])  # sizes vary per call; recompiling per value buys nothing
+def _grad_input_kernel(g_ptr, p_ptr, e_ptr, gi_ptr, M, N, K, KB, stride_gm, stride_pn, stride_gim,
+                       BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr, GROUP_M: tl.constexpr,
+                       PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m, pid_j = _grouped_pid(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(KB, BKB), GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_j = pid_j * BKB + tl.arange(0, BKB)
+    offs_n0 = tl.arange(0, BN)
+    m_mask = offs_m[:, None] < M
+    j_mask = offs_j[None, :] < KB
+    g_rows = g_ptr + offs_m[:, None].to(tl.int64) * stride_gm
+    acc4 = tl.zeros((BM, BKB), dtype=tl.float32)
+    acc3 = tl.zeros((BM, BKB), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BKB), dtype=tl.float32)
+    acc1 = tl.zeros((BM, BKB), dtype=tl.float32)
+    acc0 = tl.zeros((BM, BKB), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        n = n0 + offs_n0
+        n_ok = n < N
+        g = tl.load(g_rows + n[None, :], mask=m_mask & n_ok[None, :], other=0.0)
+        s = _row_scale(tl.load(e_ptr + n, mask=n_ok, other=0))
+        gs = (g.to(tl.float32) * s[None, :]).to(g.dtype)
+        b = tl.load(p_ptr + n[:, None].to(tl.int64) * stride_pn + offs_j[None, :],
+                    mask=n_ok[:, None] & j_mask, other=121).to(tl.int32)
+        q = _q_of_byte(b)
+        w, q = _next_trit(q)
+        acc4 = _dot(gs, w.to(gs.dtype), acc4, PREC, UPCAST)
+        w, q = _next_trit(q)
+        acc3 = _dot(gs, w.to(gs.dtype), acc3, PREC, UPCAST)
+        w, q = _next_trit(q)
+        acc2 = _dot(gs, w.to(gs.dtype), acc2, PREC, UPCAST)
+        w, q = _next_trit(q)
+        acc1 = _dot(gs, w.to(gs.dtype), acc1, PREC, UPCAST)
+        w, q = _next_trit(q)
+        acc0 = _dot(gs, w.to(gs.dtype), acc0, PREC, UPCAST)
+    out_rows = gi_ptr + offs_m[:, None].to(tl.int64) * stride_gim
+    _store_plane(out_rows, m_mask, acc4, offs_j, 4, K)
+    _store_plane(out_rows, m_mask, acc3, offs_j, 3, K)
+    _store_plane(out_rows, m_mask, acc2, offs_j, 2, K)
+    _store_plane(out_rows, m_mask, acc1, offs_j, 1, K)
+    _store_plane(out_rows, m_mask, acc0, offs_j, 0, K)
+
+
+@triton.jit
+def _cast_plane_votes(acc, w, t_rows, n_mask, offs_j, i: tl.constexpr, K, magnitude):
+    """Saturating sign votes of one dW plane into int8 T_accum; returns the plane's Σ dW·T."""
+    col = 5 * offs_j + i
+    mask = n_mask & (col[None, :] < K)
+    finite = tl.abs(acc) <= _FLT_MAX  # False for NaN and ±Inf: those cast no vote
+    vote = tl.where(finite & (acc > 0), magnitude, tl.where(finite & (acc < 0), -magnitude, 0))
+    ptrs = t_rows + col[None, :]
+    old = tl.load(ptrs, mask=mask, other=0).to(tl.int32)
+    new = tl.minimum(tl.maximum(old + vote, -127), 127)
+    tl.store(ptrs, new.to(tl.int8), mask=mask)
+    return tl.sum(tl.where(mask, acc * w, 0.0), axis=1)
+
+
+@triton.jit(do_not_specialize=["M", "N", "K", "KB", "magnitude"])  # sizes vary per call; recompiling per value buys nothing
+def _votes_kernel(g_ptr, x_ptr, p_ptr, t_ptr, esum_ptr, M, N, K, KB,
+                  stride_gm, stride_xm, stride_xi, stride_xj, stride_pn, stride_tn, magnitude,
+                  BM: tl.constexpr, BN: tl.constexpr, BKB: tl.constexpr, GROUP_N: tl.constexpr,
+                  X_PADDED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    pid_n, pid_j = _grouped_pid(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(KB, BKB), GROUP_N)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_j = pid_j * BKB + tl.arange(0, BKB)
+    offs_m0 = tl.arange(0, BM)
+    n_mask = offs_n[:, None] < N
+    acc4 = tl.zeros((BN, BKB), dtype=tl.float32)
+    acc3 = tl.zeros((BN, BKB), dtype=tl.float32)
+    acc2 = tl.zeros((BN, BKB), dtype=tl.float32)
+    acc1 = tl.zeros((BN, BKB), dtype=tl.float32)
+    acc0 = tl.zeros((BN, BKB), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        m = m0 + offs_m0
+        m_ok = m < M
+        g_t = tl.load(g_ptr + m[None, :].to(tl.int64) * stride_gm + offs_n[:, None],
+                      mask=n_mask & m_ok[None, :], other=0.0)  # (BN, BM) = gradᵀ tile
+        x_rows = x_ptr + m[:, None].to(tl.int64) * stride_xm
+        row_ok = m_ok[:, None]
+        acc4 = _dot(g_t, _load_plane(x_rows, row_ok, offs_j, 4, K, stride_xi, stride_xj, X_PADDED), acc4, PREC, UPCAST)
+        acc3 = _dot(g_t, _load_plane(x_rows, row_ok, offs_j, 3, K, stride_xi, stride_xj, X_PADDED), acc3, PREC, UPCAST)
+        acc2 = _dot(g_t, _load_plane(x_rows, row_ok, offs_j, 2, K, stride_xi, stride_xj, X_PADDED), acc2, PREC, UPCAST)
+        acc1 = _dot(g_t, _load_plane(x_rows, row_ok, offs_j, 1, K, stride_xi, stride_xj, X_PADDED), acc1, PREC, UPCAST)
+        acc0 = _dot(g_t, _load_plane(x_rows, row_ok, offs_j, 0, K, stride_xi, stride_xj, X_PADDED), acc0, PREC, UPCAST)
+    b = tl.load(p_ptr + offs_n[:, None].to(tl.int64) * stride_pn + offs_j[None, :],
+                mask=n_mask & (offs_j[None, :] < KB), other=121).to(tl.int32)
+    q = _q_of_byte(b)
+    t_rows = t_ptr + offs_n[:, None].to(tl.int64) * stride_tn
+    w, q = _next_trit(q)
+    esum = _cast_plane_votes(acc4, w, t_rows, n_mask, offs_j, 4, K, magnitude)
+    w, q = _next_trit(q)
+    esum += _cast_plane_votes(acc3, w, t_rows, n_mask, offs_j, 3, K, magnitude)
+    w, q = _next_trit(q)
+    esum += _cast_plane_votes(acc2, w, t_rows, n_mask, offs_j, 2, K, magnitude)
+    w, q = _next_trit(q)
+    esum += _cast_plane_votes(acc1, w, t_rows, n_mask, offs_j, 1, K, magnitude)
+    w, q = _next_trit(q)
+    esum += _cast_plane_votes(acc0, w, t_rows, n_mask, offs_j, 0, K, magnitude)
+    tl.atomic_add(esum_ptr + offs_n, esum, mask=offs_n < N)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _dot_options(dtype: torch.dtype) -> tuple[str, bool]:
+    """(input_precision, upcast) for tl.dot on tiles of ``dtype``."""
+    prec = "ieee" if dtype == torch.float32 else "tf32"  # fp32 must stay fp32; tf32 is ignored for 16-bit
+    return prec, interpreting() and dtype != torch.float32
+
+
+def _check_linear_args(x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, in_features: int) -> None:
+    if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 1:
+        raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+    if x2d.dim() != 2 or x2d.shape[1] != in_features:
+        raise ValueError(f"x2d must have shape (M, in_features={in_features}), got {tuple(x2d.shape)}")
+    if x2d.dtype not in KERNEL_DTYPES + (torch.float64,):
+        raise TypeError(f"x2d must be float32, bfloat16, float16 or float64, got dtype={x2d.dtype}")
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != packed_cols(in_features):
+        raise ValueError(f"packed must be uint8 of shape (N, {packed_cols(in_features)}), "
+                         f"got dtype={packed.dtype} shape={tuple(packed.shape)}")
+    if E.dtype != torch.int8 or tuple(E.shape) != (packed.shape[0],):
+        raise ValueError(f"E must be int8 of shape ({packed.shape[0]},), got dtype={E.dtype} shape={tuple(E.shape)}")
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous, else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def plane_major(x2d: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    """Copy (M, K) activations into (M, 5, KBp): ``out[m, i, j] = x[m, 5j + i]``, zero-padded.
+
+    KBp is ceil(K/5) rounded up to a multiple of ``block_bytes`` (and of 8, so every plane row
+    starts 16-byte aligned): the matrix kernels then load each digit plane contiguously,
+    without column masks.
+    """
+    M, K = x2d.shape
+    kb = packed_cols(K)
+    kbp = -(-kb // block_bytes) * block_bytes
+    kbp = -(-kbp // 8) * 8
+    out = x2d.new_zeros(M, 5, kbp)
+    padded = torch.nn.functional.pad(x2d, (0, 5 * kb - K)) if 5 * kb != K else x2d
+    out[:, :, :kb] = padded.reshape(M, kb, 5).transpose(1, 2)
+    return out
+
+
+def _check_out(out: torch.Tensor | None, shape: tuple[int, int], like: torch.Tensor, name: str) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != like.dtype \
+            or out.device != like.device or not out.is_contiguous():
+        got = (f"shape={tuple(out.shape)} dtype={out.dtype} device={out.device} contiguous={out.is_contiguous()}"
+               if isinstance(out, torch.Tensor) else type(out).__name__)
+        raise ValueError(f"{name} must be a contiguous {like.dtype} tensor of shape {shape} on {like.device}, got {got}")
+    return out
+
+
+def forward_triton(x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, in_features: int, *,
+                   path: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launcher of the forward kernels.
+
+    Shapes:
+        x2d: (M, K) float32 / bfloat16 / float16 (float64 runs the torch reference)
+        packed: (N, ceil(K/5)) uint8;  E: (N,) int8
+        returns: (M, N) in x2d.dtype
+    ``path``: "auto" (M == 1: GEMV, M <= 16: skinny dot, else GEMM), or one kernel by name
+    ("gemv_lut", "gemv_fma" need M == 1; "dot" reads x in place; "gemm" makes a plane-major copy).
+    ``out``: optional (M, N) contiguous result buffer (the tests poison it to catch unwritten outputs).
+    """
+    _check_linear_args(x2d, packed, E, in_features)
+    check_kernel_tensors(x2d=x2d, packed=packed, E=E)
+    if path not in FORWARD_PATHS:
+        raise ValueError(f"path must be one of {FORWARD_PATHS}, got {path!r}")
+    M, K = x2d.shape
+    N, KB = packed.shape
+    y = _check_out(out, (M, N), x2d, "out")
+    if x2d.dtype == torch.float64:
+        return y.copy_(linear_forward_reference(x2d, packed, E, in_features))
+    x2d, packed = _row_major(x2d), _row_major(packed)
+    if path == "auto":
+        path = DEFAULT_GEMV if M == 1 else ("dot" if M <= SMALL_M else "gemm")
+    if path in ("gemv_lut", "gemv_fma") and M != 1:
+        raise ValueError(f"path={path!r} handles M == 1 only, got M={M}")
+    if M == 0 or N == 0:
+        return y
+    if path == "gemv_fma":
+        BN, BKB = (32, 64) if N >= 4096 else (16, 64)
+        _gemv_fma_kernel[(triton.cdiv(N, BN),)](x2d, packed, E, y, N, K, KB, packed.stride(0),
+                                                BN=BN, BKB=BKB, num_warps=4)
+        return y
+    if path == "gemv_lut":
+        BN, G = 256, 16
+        n_blocks = triton.cdiv(N, BN)
+        # enough programs to fill the GPU; each builds its (256, G) table once per byte group
+        split = max(1, min(triton.cdiv(KB, G), triton.cdiv(264, n_blocks)))
+        kb_per_split = triton.cdiv(triton.cdiv(KB, split), G) * G
+        split = triton.cdiv(KB, kb_per_split)
+        if split == 1:
+            _gemv_lut_kernel[(n_blocks, 1)](x2d, packed, E, y, N, K, KB, packed.stride(0), kb_per_split,
+                                            BN=BN, G=G, ATOMIC=False, num_warps=8)
+            return y
+        # split-K partial sums meet in an fp32 buffer (the output itself when it is fp32)
+        y32 = y.zero_() if y.dtype == torch.float32 else torch.zeros(1, N, dtype=torch.float32, device=y.device)
+        _gemv_lut_kernel[(n_blocks, split)](x2d, packed, E, y32, N, K, KB, packed.stride(0), kb_per_split,
+                                            BN=BN, G=G, ATOMIC=True, num_warps=8)
+        return y if y32 is y else y.copy_(y32)
+    prec, upcast = _dot_options(x2d.dtype)
+    if path == "dot":
+        BM, BN, BKB, warps, stages = 16, 64, 64, 4, 3
+        xk, strides, padded = x2d, (x2d.stride(0), 1, 5), False
+    else:
+        BM, BN, BKB, warps, stages = 128, 128, 32, 8, 3
+        xk = plane_major(x2d, BKB)
+        strides, padded = (xk.stride(0), xk.stride(1), 1), True
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    _forward_dot_kernel[grid](xk, packed, E, y, M, N, K, KB, *strides, packed.stride(0), y.stride(0),
+                              BM=BM, BN=BN, BKB=BKB, GROUP_M=8, X_PADDED=padded, PREC=prec, UPCAST=upcast,
+                              num_warps=warps, num_stages=stages)
+    return y
+
+
+def backward_triton(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor,
+                    T_accum: torch.Tensor, E_accum: torch.Tensor, in_features: int, vote_magnitude: int,
+                    needs_input_grad: bool, *, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Launcher of the backward kernels: grad_input and the fused votes.
+
+    Shapes:
+        grad2d: (M, N), x2d: (M, K), packed: (N, ceil(K/5)) uint8, E: (N,) int8,
+        T_accum: (N, K) int8 (updated in place), E_accum: (N,) int8 (updated in place)
+        returns: grad_input (M, K) in x2d.dtype, or None when ``needs_input_grad`` is False
+    ``out``: optional (M, K) contiguous buffer for grad_input.
+    """
+    _check_linear_args(x2d, packed, E, in_features)
+    M, K = x2d.shape
+    N, KB = packed.shape
+    if grad2d.dim() != 2 or tuple(grad2d.shape) != (M, N):
+        raise ValueError(f"grad2d must have shape ({M}, {N}), got {tuple(grad2d.shape)}")
+    for name, t, shape in (("T_accum", T_accum, (N, K)), ("E_accum", E_accum, (N,))):
+        if t.dtype != torch.int8 or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be int8 of shape {shape}, got dtype={t.dtype} shape={tuple(t.shape)}")
+    if not isinstance(vote_magnitude, int) or not 1 <= vote_magnitude <= 127:
+        raise ValueError(f"vote_magnitude must be an int in 1..127, got {vote_magnitude!r}")
+    check_kernel_tensors(grad2d=grad2d, x2d=x2d, packed=packed, E=E, T_accum=T_accum, E_accum=E_accum)
+    grad_input = _check_out(out, (M, K), x2d, "out") if needs_input_grad else None
+    if x2d.dtype == torch.float64:
+        gi = linear_backward_reference(grad2d, x2d, packed, E, T_accum, E_accum, in_features,
+                                       vote_magnitude, needs_input_grad)
+        return grad_input.copy_(gi) if needs_input_grad else None
+    if T_accum.stride(1) != 1:
+        raise ValueError(f"T_accum must be row-major (stride 1 along columns), got strides {T_accum.stride()}")
+    grad2d = _row_major(grad2d.to(x2d.dtype))
+    x2d, packed = _row_major(x2d), _row_major(packed)
+    prec, upcast = _dot_options(x2d.dtype)
+    if M == 0 or N == 0:  # dW = 0: no votes; grad_input of an empty reduction is zero
+        if grad_input is not None:
+            grad_input.zero_()
+        return grad_input
+    if needs_input_grad:
+        BM, BN, BKB, warps = (16, 64, 32, 4) if M <= SMALL_M else (128, 64, 32, 8)
+        grid = (triton.cdiv(M, BM) * triton.cdiv(KB, BKB),)
+        _grad_input_kernel[grid](grad2d, packed, E, grad_input, M, N, K, KB, grad2d.stride(0), packed.stride(0),
+                                 grad_input.stride(0), BM=BM, BN=BN, BKB=BKB, GROUP_M=8, PREC=prec,
+                                 UPCAST=upcast, num_warps=warps, num_stages=3)
+    BN, BKB, BM, warps = (64, 32, 16, 4) if M <= SMALL_M else (128, 32, 64, 8)
+    if M <= SMALL_M:
+        xk, strides, padded = x2d, (x2d.stride(0), 1, 5), False
+    else:
+        xk = plane_major(x2d, BKB)
+        strides, padded = (xk.stride(0), xk.stride(1), 1), True
+    esum = torch.zeros(N, dtype=torch.float32, device=x2d.device)
+    grid = (triton.cdiv(N, BN) * triton.cdiv(KB, BKB),)
+    _votes_kernel[grid](grad2d, xk, packed, T_accum, esum, M, N, K, KB, grad2d.stride(0), *strides,
+                        packed.stride(0), T_accum.stride(0), vote_magnitude, BM=BM, BN=BN, BKB=BKB, GROUP_N=8,
+                        X_PADDED=padded, PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=3)
+    saturating_add_(E_accum, sign_votes(esum, vote_magnitude))
+    return grad_input

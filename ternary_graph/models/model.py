@@ -1,0 +1,145 @@
+"""The assembled model: ternary attention blocks with MoEGraph FFNs routed through one shared
+VQ codebook, a KG VQ codebook, and a composite LM + KG head.
+
+    ids ─ embed ─┬─ block 0 ─ block 1 ─ … ─ block L-1 ─ RMSNorm ─ CompositeHead ─┬─ next-byte logits
+                 │   each block: x += attn(norm(x)); h = norm(x)                 └─ KG-entity scores
+                 │     quantising blocks: code ids = SharedVQ(proj(h)).ids         (via KGVQCodebook)
+                 │     x += MoEGraph(h, code ids)      (later blocks reuse the last ids)
+
+Quantising once per ``quantize_every`` blocks (DESIGN 3b) keeps the 10M-code search out of
+most layers. With ``weights="float"`` every TernaryLinear / embedding table becomes its float
+counterpart (the float baseline); the VQ codebooks and the routing graph stay as they are,
+since the architecture has no float version of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..graph.moegraph import MoEGraph
+from ..nn.attention import CausalSelfAttention, rms_norm
+from ..nn.factory import check_weights, make_embedding, make_linear
+from ..nn.vq import KGVQCodebook, TernaryVQCodebook
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, vocab)
+    hidden: torch.Tensor  # (B, T, dim) final normalised hidden state (input of the head)
+    aux_loss: torch.Tensor  # scalar: VQ commitment losses
+    lm_loss: torch.Tensor | None = None  # scalar mean cross-entropy in nats, when targets are given
+    loss: torch.Tensor | None = None  # lm_loss + aux_loss
+
+
+class Block(nn.Module):
+    """Pre-norm block: causal attention, then a MoEGraph FFN routed by shared-VQ code ids."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, weights: str, device, generator) -> None:
+        super().__init__()
+        self.layer = layer
+        self.attn = CausalSelfAttention(cfg.dim, cfg.n_heads, rope_base=cfg.rope_base, weights=weights,
+                                        device=device, generator=generator)
+        self.quantizes = layer in cfg.quantize_layers
+        self.vq_proj = make_linear(cfg.dim, cfg.codebook_dim, weights, device=device, generator=generator) \
+            if self.quantizes else None
+        self.moe = MoEGraph(cfg.dim, cfg.num_experts, cfg.expert_hidden, codebook_size=cfg.codebook_size,
+                            top_k=cfg.top_k, fanout=cfg.fanout, capacity=cfg.edge_capacity, weights=weights,
+                            device=device, generator=generator)
+
+    def forward(self, x: torch.Tensor, code_ids: torch.Tensor | None, vq: TernaryVQCodebook):
+        x = x + self.attn(rms_norm(x))
+        h = rms_norm(x)
+        aux = x.new_zeros(())
+        if self.vq_proj is not None:
+            q = vq(self.vq_proj(h))
+            code_ids, aux = q.ids, q.commitment_loss
+        x = x + self.moe(h, code_ids)
+        return x, code_ids, aux
+
+
+class CompositeHead(nn.Module):
+    """Next-byte logits and KG-entity scores from the same hidden state.
+
+    KG scores are DistMult-style: ``<proj(h) ⊙ r, e>`` for a relation vector ``r`` and KG code
+    vectors ``e`` of the candidate entities (the batch's entities and sampled negatives); a
+    dense softmax over all KG codes is never taken.
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: str, device, generator) -> None:
+        super().__init__()
+        self.lm = make_linear(cfg.dim, cfg.vocab_size, weights, device=device, generator=generator)
+        self.kg_proj = make_linear(cfg.dim, cfg.kg_codebook_dim, weights, device=device, generator=generator)
+        self.relations = make_embedding(cfg.num_relations, cfg.kg_codebook_dim, weights, device=device,
+                                        generator=generator)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm(hidden)
+
+    def kg_scores(self, hidden: torch.Tensor, relation_ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Shapes: hidden (n, dim), relation_ids (n,), candidates (n, c, kg_dim) -> (n, c)."""
+        query = self.kg_proj(hidden) * self.relations(relation_ids)
+        return torch.einsum("nd,ncd->nc", query, candidates) / candidates.shape[-1] ** 0.5
+
+
+class TernaryGraphLM(nn.Module):
+    """The assembled model (see the module docstring). ``weights`` is "ternary" or "float"."""
+
+    def __init__(self, cfg: ModelConfig, *, weights: str = "ternary", device: torch.device | str | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.cfg, self.weights = cfg, check_weights(weights)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        generator = None if device.type == "meta" else torch.Generator().manual_seed(seed)
+        self.embed = make_embedding(cfg.vocab_size, cfg.dim, weights, device=device, generator=generator)
+        self.shared_vq = TernaryVQCodebook(cfg.codebook_size, cfg.codebook_dim,
+                                           commitment_weight=cfg.commitment_weight, device=device, generator=generator)
+        self.blocks = nn.ModuleList(Block(cfg, layer, weights, device, generator) for layer in range(cfg.n_layers))
+        self.kg_vq = KGVQCodebook(cfg.kg_codebook_size, cfg.kg_codebook_dim, device=device, generator=generator)
+        self.head = CompositeHead(cfg, weights, device, generator)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        """Shapes: ids (B, T) int64/int32 bytes, targets (B, T) or None."""
+        if ids.dim() != 2:
+            raise ValueError(f"ids must have shape (batch, seq_len), got {tuple(ids.shape)}")
+        if ids.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
+        x = self.embed(ids)
+        code_ids, aux = None, x.new_zeros(())
+        for block in self.blocks:
+            x, code_ids, block_aux = block(x, code_ids, self.shared_vq)
+            aux = aux + block_aux
+        hidden = rms_norm(x)
+        logits = self.head(hidden)
+        out = ModelOutput(logits=logits, hidden=hidden, aux_loss=aux)
+        if targets is not None:
+            out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
+            out.loss = out.lm_loss + aux
+        return out
+
+    def kg_scores(self, hidden: torch.Tensor, relation_ids: torch.Tensor, candidate_codes: torch.Tensor) -> torch.Tensor:
+        """Score KG candidates (ids into the KG codebook) for each hidden state and relation."""
+        return self.head.kg_scores(hidden, relation_ids, self.kg_vq.codes(candidate_codes))
+
+    def update_graph(self) -> None:
+        """Apply the routing graphs' pending edge votes (call after the optimizer step)."""
+        for block in self.blocks:
+            block.moe.update_graph()
+
+    def routing_stats(self) -> dict:
+        """Per-layer routing statistics of the last batch plus codebook usage."""
+        stats = {f"layer{b.layer}": b.moe.routing_stats() for b in self.blocks}
+        stats["shared_vq"] = self.shared_vq.stats()
+        return stats
+
+    def moe_layers(self) -> list[MoEGraph]:
+        return [b.moe for b in self.blocks]
+
+
+def build_model(cfg: ModelConfig, *, weights: str = "ternary", device: torch.device | str | None = None,
+                seed: int = 0) -> TernaryGraphLM:
+    return TernaryGraphLM(cfg, weights=weights, device=device, seed=seed)

@@ -1,0 +1,41 @@
+"""TernarySwiGLU: the expert feed-forward network of MoEGraph, built from TernaryLinear."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .linear import TernaryLinear
+
+
+class TernarySwiGLU(nn.Module):
+    """``y = down(silu(gate(x)) * up(x))`` with every matrix ternary.
+
+    ``gate`` and ``up`` are one fused ``TernaryLinear(dim, 2 * hidden)`` (rows ``[0, hidden)``
+    are the gate, rows ``[hidden, 2 * hidden)`` the up projection): every row has its own
+    scale and its own votes, so the fusion is exactly two separate layers, but a routed expert
+    launches two kernels instead of three, which matters when a MoE runs many small experts.
+
+    Shapes:
+        x: (*, dim) float32 / bfloat16 / float16 / float64
+        returns: (*, dim), same dtype as x
+    """
+
+    def __init__(self, dim: int, hidden: int, *, zero_fraction: float | None = None,
+                 device: torch.device | str | None = None, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        for arg, value in (("dim", dim), ("hidden", hidden)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        self.dim, self.hidden = dim, hidden
+        self.gate_up = TernaryLinear(dim, 2 * hidden, zero_fraction=zero_fraction, device=device,
+                                     generator=generator)
+        self.down = TernaryLinear(hidden, dim, zero_fraction=zero_fraction, device=device, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.hidden, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, hidden={self.hidden}"

@@ -1,0 +1,284 @@
+"""Ternary VQ codebooks: millions of scaled ternary codes, exact search, integer-only state.
+
+A code is a row of a :class:`TernaryEmbeddingTable`: trits ``T_c`` packed 5 per byte and an
+int8 log-scale, ``q_c = s_c · T_c`` with ``s_c = 2 ** (E_c / E_STEP)``. The module holds no
+floating-point buffer or parameter at all:
+
+| buffer            | dtype | shape        | meaning                                                  |
+|-------------------|-------|--------------|----------------------------------------------------------|
+| codes.weight.*    | uint8/int8 | see TernaryState | packed trits, E, T_accum, E_accum               |
+| usage             | int16 | (num_codes,) | assignments, saturating at 32767, halved every ``usage_decay_interval`` training calls |
+| used_in_window    | bool  | (num_codes,) | assigned at least once since the last re-seed check      |
+| step              | int64 | ()           | training forward calls so far                            |
+| dead_codes        | int64 | ()           | codes found unused at the last re-seed check             |
+| reseeded_total    | int64 | ()           | codes re-seeded so far                                   |
+
+"Unused for a window" needs no per-code timestamp: ``used_in_window`` is set for the (few)
+assigned codes on every call, and only every ``reseed_window`` calls is the whole flag vector
+read (the codes never assigned since the previous check are dead) and cleared. That O(codes)
+pass, and the usage halving, are the only whole-codebook work, and both are periodic.
+
+Learning. The assignment is the exact nearest code (``kernels/vq_search.py``). The codes learn
+through the same sparse vote path as every ternary table: ``commitment_loss`` carries, beside
+its value ``commitment_weight · mean ||z - sg(q)||²``, a zero-valued term ``cb - sg(cb)`` with
+``cb = mean ||sg(z) - q||²``, so that its backward sends ``∂cb/∂q_c ∝ Σ_{i→c} (q_c - z_i)`` to
+the codes' gather, whose backward sums it per assigned code and casts one sign vote per trit
+(and one per scale) into only those rows; the optimizer step then visits only them.
+Dead codes are re-seeded from the inputs of the call that finds them, those worst reconstructed
+first: each such input is fitted with the best ternary approximation ``s·T`` (support = its
+``m`` largest magnitudes, ``m`` chosen to minimise the error) and packed directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..config import KGVQ_CODEBOOK_DIM, KGVQ_CODEBOOK_SIZE
+from ..kernels.embedding import gather_rows_reference
+from ..kernels.vq_search import PRECISIONS, check_search_args, nearest_codes
+from ..ternary.packing import pack_trits
+from ..ternary.saturating import saturating_add
+from ..ternary.state import E_MAX, E_MIN, E_STEP
+from .embedding import TernaryEmbeddingTable
+
+USAGE_MAX = 32767
+
+
+class VQOutput(NamedTuple):
+    """What :meth:`TernaryVQCodebook.forward` returns.
+
+    Shapes (for z of shape (..., dim)):
+        quantized: (..., dim), z's dtype; straight-through: ``z + sg(q - z)``
+        ids: (...) int64
+        commitment_loss: () float32
+    """
+
+    quantized: torch.Tensor
+    ids: torch.Tensor
+    commitment_loss: torch.Tensor
+
+
+@dataclass(frozen=True)
+class VQStats:
+    """Statistics of a codebook (see :meth:`TernaryVQCodebook.stats`)."""
+
+    perplexity: float  # exp(entropy) of the last training batch's assignment histogram
+    live_fraction: float  # fraction of codes with usage > 0
+    dead_codes: int  # codes found unused at the last re-seed check
+    reseeded_total: int  # codes re-seeded so far
+
+
+def ternary_fit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best scaled ternary approximation of each row: ``x ≈ 2**(E/E_STEP) · T``.
+
+    For a support of the ``m`` largest ``|x_k|`` the optimal scale is their mean and the error
+    is ``||x||² - (Σ_top-m |x_k|)² / m``, so ``m`` maximises ``cumsum² / m``. A zero row gives
+    zero trits (and E = 0).
+
+    Shapes: x (k, D) float -> trits (k, D) int8, E (k,) int8
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (rows, dim), got shape {tuple(x.shape)}")
+    xf = x.to(torch.float32)
+    mag, order = xf.abs().sort(dim=1, descending=True, stable=True)
+    csum = mag.cumsum(dim=1)
+    m = torch.arange(1, xf.shape[1] + 1, device=x.device, dtype=torch.float32)
+    best = (csum * csum / m).argmax(dim=1)  # index of the last kept magnitude
+    keep_sorted = torch.arange(xf.shape[1], device=x.device)[None, :] <= best[:, None]
+    keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+    trits = (torch.sign(xf) * keep).to(torch.int8)
+    scale = csum.gather(1, best[:, None]).squeeze(1) / (best + 1).to(torch.float32)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    E = torch.round(E_STEP * torch.log2(safe)).clamp_(E_MIN, E_MAX).to(torch.int8)
+    return trits, E
+
+
+def assignment_perplexity(counts: torch.Tensor) -> float:
+    """``exp(entropy)`` of a histogram given as the counts of the codes that occur."""
+    total = counts.sum()
+    if counts.numel() == 0 or int(total) == 0:
+        return 0.0
+    p = counts.to(torch.float64) / total.to(torch.float64)
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _check_nonneg_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int (0 disables), got {value!r}")
+
+
+class TernaryVQCodebook(nn.Module):
+    """``num_codes`` scaled ternary codes of length ``dim`` with exact nearest-code assignment.
+
+    Args:
+        num_codes, dim: codebook size.
+        commitment_weight: weight of ``mean ||z - sg(q)||²`` in ``commitment_loss``.
+        reseed_window: every this many training calls, codes not assigned since the previous
+            check are re-seeded from that call's inputs (0 disables re-seeding).
+        usage_decay_interval: every this many training calls, ``usage`` is halved (0: never).
+        init_scale, zero_fraction: initial code scale and trit sparsity (see TernaryState).
+        precision: query rounding of the search, ``"bf16x2"`` (16 significant bits) or
+            ``"bf16"`` (see ``kernels/vq_search.py``).
+        device: ``"meta"`` allocates nothing.
+        generator: RNG of the initial codes.
+
+    Shapes:
+        z: (..., dim) float (float32 / bfloat16 / float16 / float64), finite
+        returns: :class:`VQOutput`
+
+    Training calls (``self.training``) also update ``usage``, re-seed and record the
+    histogram that :meth:`stats` reports; eval calls change nothing.
+    """
+
+    usage: torch.Tensor
+    used_in_window: torch.Tensor
+    step: torch.Tensor
+    dead_codes: torch.Tensor
+    reseeded_total: torch.Tensor
+
+    def __init__(self, num_codes: int, dim: int, *, commitment_weight: float = 0.25,
+                 reseed_window: int = 100, usage_decay_interval: int = 100,
+                 init_scale: float | None = None, zero_fraction: float | None = None,
+                 precision: str = "bf16x2", device: torch.device | str | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        for name, value in (("num_codes", num_codes), ("dim", dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(commitment_weight, (int, float)) and math.isfinite(commitment_weight)
+                and commitment_weight >= 0):
+            raise ValueError(f"commitment_weight must be a finite number >= 0, got {commitment_weight!r}")
+        _check_nonneg_int("reseed_window", reseed_window)
+        _check_nonneg_int("usage_decay_interval", usage_decay_interval)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.num_codes, self.dim = num_codes, dim
+        self.commitment_weight = float(commitment_weight)
+        self.reseed_window = reseed_window
+        self.usage_decay_interval = usage_decay_interval
+        self.precision = precision
+        self.codes = TernaryEmbeddingTable(num_codes, dim, zero_fraction=zero_fraction, init_scale=init_scale,
+                                           device=device, generator=generator)
+        self.register_buffer("usage", torch.zeros(num_codes, dtype=torch.int16, device=device))
+        self.register_buffer("used_in_window", torch.zeros(num_codes, dtype=torch.bool, device=device))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("dead_codes", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("reseeded_total", torch.zeros((), dtype=torch.int64, device=device))
+        # Histogram of the last training batch (counts of the codes that occurred): a statistic,
+        # not state, so it is an attribute and never enters the state_dict.
+        self._last_counts: torch.Tensor | None = None
+
+    # --- assignment ------------------------------------------------------------------------
+    def _check_z(self, z: torch.Tensor) -> None:
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+        if z.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise TypeError(f"z must be float32 / bfloat16 / float16 / float64, got dtype={z.dtype}")
+        w = self.codes.weight
+        check_search_args(z, w.packed, w.E, self.dim)
+
+    def forward(self, z: torch.Tensor) -> VQOutput:
+        self._check_z(z)
+        w = self.codes.weight
+        z2d = z.reshape(-1, self.dim)
+        ids, dist = nearest_codes(z2d, w.packed, w.E, self.dim, precision=self.precision)
+        q = self.codes(ids, dtype=z.dtype)  # votes flow back into these rows only
+        if z2d.shape[0] == 0:
+            loss = z2d.new_zeros((), dtype=torch.float32) + q.float().sum() * 0.0
+        else:
+            diff = z2d.to(torch.float32) - q.detach().to(torch.float32)
+            loss = self.commitment_weight * (diff * diff).sum(dim=-1).mean()
+            if q.requires_grad:
+                cb = ((z2d.detach().to(torch.float32) - q.to(torch.float32)) ** 2).sum(dim=-1).mean()
+                loss = loss + (cb - cb.detach())
+        quantized = z2d + (q - z2d).detach()
+        if self.training:
+            with torch.no_grad():
+                self._track(ids, z2d, dist)
+        return VQOutput(quantized.reshape(z.shape), ids.reshape(z.shape[:-1]), loss)
+
+    @torch.no_grad()
+    def _track(self, ids: torch.Tensor, z2d: torch.Tensor, dist: torch.Tensor) -> None:
+        self.step.add_(1)
+        step = int(self.step)
+        if ids.numel():
+            unique, counts = torch.unique(ids, return_counts=True)
+            self.usage.index_copy_(0, unique, saturating_add(self.usage.index_select(0, unique), counts))
+            self.used_in_window.index_fill_(0, unique, True)
+            self._last_counts = counts
+        else:
+            self._last_counts = counts = ids.new_zeros(0)
+        if self.usage_decay_interval and step % self.usage_decay_interval == 0:
+            self.usage.bitwise_right_shift_(1)  # usage is never negative: a shift halves it
+        if self.reseed_window and step % self.reseed_window == 0:
+            self._reseed(z2d, dist)
+
+    @torch.no_grad()
+    def _reseed(self, z2d: torch.Tensor, dist: torch.Tensor) -> None:
+        dead = (~self.used_in_window).nonzero().squeeze(1)
+        self.dead_codes.fill_(dead.numel())
+        k = min(dead.numel(), z2d.shape[0])
+        if k:
+            worst = torch.argsort(dist, descending=True, stable=True)[:k]
+            targets = dead[:k]
+            trits, E = ternary_fit(z2d.index_select(0, worst))
+            w = self.codes.weight
+            w.packed.index_copy_(0, targets, pack_trits(trits))
+            w.E.index_copy_(0, targets, E)
+            w.T_accum.index_fill_(0, targets, 0)
+            w.E_accum.index_fill_(0, targets, 0)
+            self.usage.index_fill_(0, targets, 0)
+            self.reseeded_total.add_(k)
+        self.used_in_window.zero_()
+
+    # --- ids <-> codes -----------------------------------------------------------------------
+    def indices_to_codes(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The scaled code vectors ``s_c · T_c`` of ``ids`` (no autograd, no votes).
+
+        Shapes: ids (...) int32/int64 -> (..., dim) in ``dtype``.
+        """
+        rows = self.codes.check_ids(ids)
+        w = self.codes.weight
+        return gather_rows_reference(w.packed, w.E, rows, self.dim, dtype).reshape(*ids.shape, self.dim)
+
+    def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`indices_to_codes`: the id of the (nearest) code of each vector.
+
+        ``indices_to_codes(codes_to_indices(v)) == v`` for every code vector ``v``, and
+        ``codes_to_indices(indices_to_codes(ids)) == ids`` whenever the codes of ``ids`` are
+        distinct (identical codes map to the smallest id among them).
+
+        Shapes: codes (..., dim) float -> (...) int64.
+        """
+        self._check_z(codes)
+        w = self.codes.weight
+        ids, _ = nearest_codes(codes, w.packed, w.E, self.dim, precision=self.precision)
+        return ids
+
+    # --- statistics --------------------------------------------------------------------------
+    @torch.no_grad()
+    def stats(self) -> VQStats:
+        """Perplexity of the last training batch, live-code fraction (one pass over ``usage``)."""
+        counts = self._last_counts
+        perplexity = assignment_perplexity(counts) if counts is not None else 0.0
+        live = float((self.usage > 0).sum()) / self.num_codes
+        return VQStats(perplexity=perplexity, live_fraction=live, dead_codes=int(self.dead_codes),
+                       reseeded_total=int(self.reseeded_total))
+
+    def extra_repr(self) -> str:
+        return (f"num_codes={self.num_codes}, dim={self.dim}, commitment_weight={self.commitment_weight:g}, "
+                f"reseed_window={self.reseed_window}, usage_decay_interval={self.usage_decay_interval}, "
+                f"precision={self.precision!r}")
+
+
+class KGVQCodebook(TernaryVQCodebook):
+    """The knowledge-graph entity codebook: a :class:`TernaryVQCodebook` with the KG defaults
+    (``KGVQ_CODEBOOK_SIZE`` codes of ``KGVQ_CODEBOOK_DIM``) and no state of its own."""
+
+    def __init__(self, num_codes: int = KGVQ_CODEBOOK_SIZE, dim: int = KGVQ_CODEBOOK_DIM, **kwargs) -> None:
+        super().__init__(num_codes, dim, **kwargs)
