@@ -28,6 +28,11 @@ import torch
 import torch.nn.functional as F
 
 ROTATE_BYTES = 200e6
+# block-size sweeps (one tuning round; see docs/kernels.md)
+GEMV_FMA_CONFIGS = [dict(BN=16, BKB=64, warps=4), dict(BN=32, BKB=64, warps=4), dict(BN=16, BKB=128, warps=4),
+                    dict(BN=64, BKB=64, warps=8), dict(BN=8, BKB=128, warps=2)]
+GEMM_CONFIGS = [dict(BM=128, BN=128, BK=64, warps=8, stages=3), dict(BM=128, BN=256, BK=64, warps=8, stages=3),
+                dict(BM=256, BN=128, BK=64, warps=8, stages=3)]
 
 
 def _copies(bytes_per_set: float) -> int:
@@ -127,14 +132,16 @@ def main() -> int:
         p_sets = [(x1, new_packed(), new_E()) for _ in range(n_p)]
         log(f"M=1: bf16 F.linear {base:.1f} us over {n_w} weight copies; packed rotated over {n_p} copies")
         ref = linear_forward_reference(x1, *p_sets[0][1:], K)
-        for path in ("gemv_lut", "gemv_fma", "dot"):
+        gemv_variants = [("gemv_lut", None), ("dot", None)] + [("gemv_fma", c) for c in GEMV_FMA_CONFIGS]
+        for path, cfg in gemv_variants:
+            name = path if cfg is None else f"fma{cfg['BN']}/{cfg['BKB']}/w{cfg['warps']}"
             try:
-                err = rel_err(kern.forward_triton(*p_sets[0], K, path=path), ref)
-                t = bench(Rotator(p_sets)(lambda x, p, e, path=path: kern.forward_triton(x, p, e, K, path=path)),
-                          args.reps_ms)
-                add(shape, "fwd M=1", path, t, base, packed_bytes, err)
+                err = rel_err(kern.forward_triton(*p_sets[0], K, path=path, config=cfg), ref)
+                t = bench(Rotator(p_sets)(lambda x, p, e, path=path, cfg=cfg: kern.forward_triton(
+                    x, p, e, K, path=path, config=cfg)), args.reps_ms)
+                add(shape, "fwd M=1", name, t, base, packed_bytes, err)
             except Exception as exc:  # a variant that fails to build is reported, the others still run
-                log(f"{shape} fwd M=1 {path}: FAILED {type(exc).__name__}: {str(exc)[:400]}")
+                log(f"{shape} fwd M=1 {name}: FAILED {type(exc).__name__}: {str(exc)[:400]}")
         base2 = bench(Rotator([(x1, w) for w in w_sets])(F.linear), args.reps_ms)
         log(f"M=1: bf16 F.linear again {base2:.1f} us (spread between two timings of the same baseline)")
         del w_sets, p_sets
@@ -154,18 +161,24 @@ def main() -> int:
         t_sets = [(s[0], new_packed(), new_E(), s[2]) for s in b_sets]
         del b_sets
         x, p, e, g = t_sets[0]
-        try:
-            err = rel_err(kern.forward_triton(x, p, e, K, path="gemm"), linear_forward_reference(x, p, e, K))
-            t = bench(Rotator(t_sets)(lambda x, p, e, g: kern.forward_triton(x, p, e, K, path="gemm")), args.reps_ms)
-            add(shape, f"fwd M={M}", "gemm", t, base_f, packed_bytes, err, f"{flop / t / 1e6:.0f} TFLOP/s")
-        except Exception as exc:
-            log(f"{shape} fwd gemm: FAILED {type(exc).__name__}: {str(exc)[:400]}")
+        ref = linear_forward_reference(x, p, e, K)
+        for path, cfg in [("gemm", c) for c in GEMM_CONFIGS] + [("dequant", None)]:
+            name = path if cfg is None else f"gemm{cfg['BM']}x{cfg['BN']}x{cfg['BK']}"
+            try:
+                err = rel_err(kern.forward_triton(x, p, e, K, path=path, config=cfg), ref)
+                t = bench(Rotator(t_sets)(lambda x, p, e, g, path=path, cfg=cfg: kern.forward_triton(
+                    x, p, e, K, path=path, config=cfg)), args.reps_ms)
+                add(shape, f"fwd M={M}", name, t, base_f, packed_bytes, err, f"{flop / t / 1e6:.0f} TFLOP/s")
+            except Exception as exc:
+                log(f"{shape} fwd {name}: FAILED {type(exc).__name__}: {str(exc)[:400]}")
+        del ref
         # backward: check grad_input and votes on a slice, then time with rotated accumulators
-        try:
+        def backward_case(bpath: str) -> None:
+            # check grad_input and votes on a 256-row slice, then time with rotated accumulators
             ms = 256
             T_acc = torch.zeros(N, K, dtype=torch.int8, device=dev)
             E_acc = torch.zeros(N, dtype=torch.int8, device=dev)
-            gi = kern.backward_triton(g[:ms], x[:ms], p, e, T_acc, E_acc, K, 1, True)
+            gi = kern.backward_triton(g[:ms], x[:ms], p, e, T_acc, E_acc, K, 1, True, path=bpath)
             trits = unpack_trits(p, K).to(torch.float32)
             s = torch.exp2(e.float() / 4)
             gi_ref = (g[:ms].float() * s) @ trits
@@ -173,29 +186,32 @@ def main() -> int:
             decided = dW.abs() > 1e-3 * (g[:ms].float().abs().t() @ x[:ms].float().abs())
             vote_ok = float((T_acc.float() == torch.sign(dW))[decided].float().mean())
             err = rel_err(gi, gi_ref)
-            del trits, dW, decided
+            del trits, dW, decided, T_acc, gi
             acc_sets = [(x_, p_, e_, g_, torch.zeros(N, K, dtype=torch.int8, device=dev),
                          torch.zeros(N, dtype=torch.int8, device=dev)) for (x_, p_, e_, g_) in t_sets]
-            t = bench(Rotator(acc_sets)(lambda x, p, e, g, ta, ea: kern.backward_triton(g, x, p, e, ta, ea, K, 1, True)),
-                      args.reps_ms)
-            add(shape, f"bwd M={M}", "dX+votes", t, base_b, packed_bytes, err, f"vote agreement {vote_ok:.6f}")
-            # the two halves separately, to see which one limits
-            t_votes = bench(Rotator(acc_sets)(lambda x, p, e, g, ta, ea: kern.backward_triton(g, x, p, e, ta, ea, K, 1, False)),
-                            args.reps_ms)
-            add(shape, f"bwd M={M}", "votes only", t_votes, base_b, packed_bytes, err)
-            del acc_sets
-        except Exception as exc:
-            log(f"{shape} bwd: FAILED {type(exc).__name__}: {str(exc)[:400]}")
+            t = bench(Rotator(acc_sets)(lambda x, p, e, g, ta, ea: kern.backward_triton(
+                g, x, p, e, ta, ea, K, 1, True, path=bpath)), args.reps_ms)
+            add(shape, f"bwd M={M}", f"{bpath}", t, base_b, packed_bytes, err, f"dX+votes; vote agreement {vote_ok:.6f}")
+            if bpath == "plane":  # the votes alone, to see which half limits
+                t_votes = bench(Rotator(acc_sets)(lambda x, p, e, g, ta, ea: kern.backward_triton(
+                    g, x, p, e, ta, ea, K, 1, False, path=bpath)), args.reps_ms)
+                add(shape, f"bwd M={M}", "votes only", t_votes, base_b, packed_bytes, err, "no grad_input")
+
+        for bpath in ("plane", "dequant"):
+            try:
+                backward_case(bpath)
+            except Exception as exc:
+                log(f"{shape} bwd {bpath}: FAILED {type(exc).__name__}: {str(exc)[:400]}")
         del t_sets
         torch.cuda.empty_cache()
 
     (out_dir / "bench_linear.json").write_text(json.dumps(dict(meta=meta, copy_TBps=copy_tbs, rows=rows), indent=1))
-    header = f"{'shape':>12} {'op':>12} {'variant':>11} {'ours us':>9} {'bf16 us':>9} {'speedup':>8} {'TB/s pk':>8} {'rel err':>9}"
+    header = f"{'shape':>12} {'op':>12} {'variant':>16} {'ours us':>9} {'bf16 us':>9} {'speedup':>8} {'TB/s pk':>8} {'rel err':>9}"
     log("")
     log(f"{meta['device']}  {meta['date']}  torch {meta['torch']}  triton {meta['triton']}")
     log(header)
     for r in rows:
-        log(f"{r['shape']:>12} {r['op']:>12} {r['variant']:>11} {r['time_us']:>9.1f} {r['baseline_us']:>9.1f} "
+        log(f"{r['shape']:>12} {r['op']:>12} {r['variant']:>16} {r['time_us']:>9.1f} {r['baseline_us']:>9.1f} "
             f"{r['speedup']:>7.2f}x {r['packed_TBps']:>8.3f} {r['rel_err']:>9.1e} {r['note']}")
     (out_dir / "bench_linear.log").write_text("\n".join(log_lines) + "\n")
     return 0

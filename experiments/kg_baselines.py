@@ -43,10 +43,12 @@ class ModelSpec:
     kwargs: dict
 
 
-# Learning rates are larger than the FB15k-237 example's (DistMult 1e-4 there): this graph
-# is ~10x smaller, so an epoch is ~30 steps and the example's rate barely moves in 100 epochs.
+# Optimisers follow PyG's examples/kge_fb15k_237.py (Adam; RotatE margin 9) with learning
+# rates picked on the VALID split of this graph at dim 64, 100 epochs, seed 0 (valid MRR):
+# DistMult 1e-3: 0.106, 3e-3: 0.098, 1e-2: 0.079 (the example's 1e-4 barely moves in ~3k
+# steps); TransE 3e-3: 0.045, 1e-2: 0.043, 3e-2: 0.009; RotatE 1e-2: 0.160 (not swept).
 MODEL_SPECS: dict[str, ModelSpec] = {
-    "distmult": ModelSpec(DistMult, lr=0.01, weight_decay=1e-6, kwargs={}),
+    "distmult": ModelSpec(DistMult, lr=0.001, weight_decay=1e-6, kwargs={}),
     "transe": ModelSpec(TransE, lr=0.01, weight_decay=0.0, kwargs={"p_norm": 1.0}),
     "rotate": ModelSpec(RotatE, lr=0.01, weight_decay=0.0, kwargs={"margin": 9.0}),
 }
@@ -57,7 +59,7 @@ class RunConfig:
     epochs: int = 100  # passes over the training triples
     dim: int = 64  # hidden_channels of every model
     batch_size: int = 1024  # training triples per step (one random negative each)
-    models: tuple[str, ...] = ("distmult", "transe")
+    models: tuple[str, ...] = ("distmult", "transe", "rotate")
     seed: int = 0
     eval_batch_size: int = 1 << 20  # scores per scorer call while ranking
 
@@ -166,16 +168,22 @@ def evaluate(model: KGEModel, kg: KnowledgeGraph, triples: Tensor, cfg: RunConfi
     return both
 
 
-def unseen_entity_count(train: Tensor, triples: Tensor, num_entities: int) -> int:
-    """Triples with a head or tail that never occurs in ``train`` (their embedding stays random)."""
+def seen_in_train(train: Tensor, triples: Tensor, num_entities: int) -> Tensor:
+    """(len(triples),) bool: both ends occur in ``train`` (else an embedding stays at its init).
+
+    The name-hash split keeps every triple, so ~20% of held-out triples touch an entity
+    (mostly a leaf function) that no training triple mentions; results are reported on all
+    held-out triples and, for comparison with benchmarks that drop them, on the rest.
+    """
     seen = torch.zeros(num_entities, dtype=torch.bool)
     seen[train[:, 0].long()] = True
     seen[train[:, 2].long()] = True
-    return int((~(seen[triples[:, 0].long()] & seen[triples[:, 2].long()])).sum())
+    return seen[triples[:, 0].long()] & seen[triples[:, 2].long()]
 
 
 def run(cfg: RunConfig, kg: KnowledgeGraph) -> dict:
     split = kg.split()
+    test_seen = seen_in_train(split.train, split.test, kg.num_entities)
     graph_info = {
         "python": platform.python_version(),
         "entities": kg.num_entities,
@@ -183,7 +191,7 @@ def run(cfg: RunConfig, kg: KnowledgeGraph) -> dict:
         "triples": kg.num_triples,
         "relation_counts": kg.relation_counts(),
         "split_sizes": {"train": len(split.train), "valid": len(split.valid), "test": len(split.test)},
-        "test_triples_with_entity_unseen_in_train": unseen_entity_count(split.train, split.test, kg.num_entities),
+        "test_triples_with_entity_unseen_in_train": int((~test_seen).sum()),
         "extraction_stats": kg.stats,
         "random_ranking_mrr": random_ranking_mrr(kg.num_entities),
     }
@@ -201,9 +209,11 @@ def run(cfg: RunConfig, kg: KnowledgeGraph) -> dict:
         start = time.perf_counter()
         valid = evaluate(model, kg, split.valid, cfg)
         test = evaluate(model, kg, split.test, cfg)
+        test_seen_only = evaluate(model, kg, split.test[test_seen], cfg)
         eval_s = time.perf_counter() - start
         results[name] = {
             "test": test,
+            "test_seen_entities_only": test_seen_only,
             "valid": valid,
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             "train_seconds": round(train_s, 2),
@@ -223,15 +233,17 @@ def format_table(report: dict) -> str:
     lines = [
         f"stdlib KG (Python {report['graph']['python']}): {report['graph']['entities']} entities, "
         f"{report['graph']['triples']} triples, split {report['graph']['split_sizes']}; "
-        f"random-ranking MRR {report['graph']['random_ranking_mrr']:.5f}",
+        f"random-ranking MRR {report['graph']['random_ranking_mrr']:.5f}; filtered, tail+head "
+        f"averaged; 'seen MRR' = test triples whose entities all occur in train",
         f"{'model':<10} {'test MRR':>9} {'Hits@1':>8} {'Hits@3':>8} {'Hits@10':>8} "
-        f"{'valid MRR':>10} {'param bytes':>12} {'train s':>8}",
+        f"{'valid MRR':>10} {'seen MRR':>9} {'param bytes':>12} {'train s':>8}",
     ]
     for name, r in report["results"].items():
         t = r["test"]
         lines.append(
             f"{name:<10} {t['mrr']:>9.4f} {t['hits@1']:>8.4f} {t['hits@3']:>8.4f} {t['hits@10']:>8.4f} "
-            f"{r['valid']['mrr']:>10.4f} {r['param_bytes']:>12d} {r['train_seconds']:>8.1f}"
+            f"{r['valid']['mrr']:>10.4f} {r['test_seen_entities_only']['mrr']:>9.4f} "
+            f"{r['param_bytes']:>12d} {r['train_seconds']:>8.1f}"
         )
     return "\n".join(lines)
 

@@ -349,6 +349,23 @@ def test_filtered_ranks_match_a_naive_loop_at_any_batch_size():
         assert ranks.tolist() == expected, batch_size
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_filtered_ranks_with_a_cuda_scorer_match_cpu():
+    gen = torch.Generator().manual_seed(1)
+    n = 37
+    table = torch.randint(-3, 4, (n, 2, n), generator=gen).float()
+    known = torch.unique(torch.stack([
+        torch.randint(0, n, (200,), generator=gen),
+        torch.randint(0, 2, (200,), generator=gen),
+        torch.randint(0, n, (200,), generator=gen),
+    ], dim=1), dim=0)
+    cpu = filtered_ranks(_table_scorer(table), known, known, n, batch_size=100)
+    gpu = filtered_ranks(_table_scorer(table.cuda()), known, known, n, batch_size=100, device="cuda")
+    assert gpu.device.type == "cpu"
+    assert torch.equal(cpu, gpu)
+
+
 def test_broadcast_score_fn_wraps_a_flat_scorer():
     table = _tiny_table()
     seen_dims = []

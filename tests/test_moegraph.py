@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
-from ternary_graph.graph.moegraph import MoEGraph
+from ternary_graph.graph.moegraph import MoEGraph, update_graphs
 from ternary_graph.graph.routing import INACTIVE_SRC, GraphRule
 from ternary_graph.nn.ffn import TernarySwiGLU
 from ternary_graph.ternary import TernaryOptimizer, UpdateRule
@@ -251,6 +251,20 @@ def test_update_graph_moves_scores_inserts_and_evicts():
     assert (stats.edges_up, stats.edges_down, stats.inserted, stats.evicted) == (1, 1, 1, 1)
 
 
+def test_dense_update_rewires_lowest_slot_of_a_code():
+    moe = MoEGraph(8, 5, 4, codebook_size=3, fanout=2, generator=torch.Generator().manual_seed(25),
+                   rule=GraphRule(insert_min_votes=2, max_score_step=3))
+    moe.set_edges(torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 2, 3, 0, 4]),
+                  torch.tensor([5, -4, 1, 2, 0, 0], dtype=torch.int8))
+    moe._votes.add(torch.tensor([0, 1, 2]), torch.tensor([3, 0, 1]), torch.tensor([4, 1, -5], dtype=torch.int32))
+    stats = moe.update_graph()
+    # (0,3) earns 4 votes -> enters at score 3 in place of (0,1) at -4; (1,0) has one vote, not
+    # enough; (2,1) is negative: never inserted.
+    assert moe.edge_index.tolist() == [[0, 0, 1, 1, 2, 2], [0, 3, 2, 3, 0, 4]]
+    assert moe.edge_score.tolist() == [5, 3, 1, 2, 0, 0]
+    assert (stats.inserted, stats.evicted, stats.num_active) == (1, 1, 6)
+
+
 def test_load_bias_moves_against_load():
     gen = torch.Generator().manual_seed(18)
     moe = MoEGraph(8, 4, 4, codebook_size=10, generator=gen)
@@ -332,7 +346,7 @@ def _train_routing(moe: MoEGraph, X, codes, teacher_of_token, steps: int = 150):
         out = moe(X[idx], codes[idx])
         (((out - target[idx]) ** 2).mean() / target[idx].var()).backward()
         opt.step()
-        moe.update_graph()
+        update_graphs(moe)
     last, routing = evaluate()
     return first, last, routing
 
@@ -380,10 +394,12 @@ def test_edges_learn_code_specific_routing_centroids_cannot():
     _, loss_plain, hit_plain, _ = results[0.0]
     assert hit_graph > 0.9 and hit_plain < 0.6, (hit_graph, hit_plain)
     assert loss_graph < 0.3 * loss_plain
+    # Nearly every token's code ends with a confirmed edge to its teacher (codes seen by only a
+    # handful of tokens may not: they get too few votes).
     src, dst, attr, _ = moe.active_edges()
-    used = codes.unique()
-    confirmed = sum(bool(((src == c) & (dst == teacher_of_code[c]) & (attr == 1)).any()) for c in used.tolist())
-    assert confirmed >= 0.9 * used.numel()
+    confirmed = torch.tensor([bool(((src == c) & (dst == teacher_of_code[c]) & (attr == 1)).any())
+                              for c in range(64)])
+    assert float(confirmed[codes].float().mean()) > 0.9
 
 
 # ------------------------------------------------------------------------------------------------
@@ -514,8 +530,17 @@ def test_bad_forward_input_raises():
         moe(x, torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="dim=8"):
         moe(torch.randn(6, 7), torch.zeros(6, dtype=torch.long))
-    with pytest.raises(ValueError, match="fanout=2"):
+    with pytest.raises(ValueError, match="fanout=4"):
         moe.set_edges(torch.tensor([1, 1, 1]), torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.int8))
+    large = MoEGraph(8, 4, 8, codebook_size=50, fanout=2, capacity=5, generator=torch.Generator().manual_seed(23))
+    with pytest.raises(ValueError, match="fanout=2"):
+        large.set_edges(torch.tensor([1, 1, 1]), torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.int8))
+    with pytest.raises(ValueError, match="capacity=5"):
+        large.set_edges(torch.arange(6), torch.zeros(6), torch.zeros(6, dtype=torch.int8))
+    with pytest.raises(ValueError, match="duplicates"):
+        large.set_edges(torch.tensor([3, 3]), torch.tensor([1, 1]), torch.zeros(2, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"dst must lie in \[0, 4\)"):
+        large.set_edges(torch.tensor([3]), torch.tensor([4]), torch.zeros(1, dtype=torch.int8))
 
 
 def test_ternary_swiglu():

@@ -365,6 +365,9 @@ class KnowledgeGraph:
             raise ValueError(
                 f"{str(names_path)!r} is not a knowledge graph of format version {_FORMAT_VERSION}"
             )
+        missing_keys = {"entity_names", "relation_names", "entity_type_names", "stats"} - meta.keys()
+        if missing_keys:
+            raise ValueError(f"{str(names_path)!r} lacks keys {sorted(missing_keys)}")
         tensors = load_file(str(tensor_path))
         missing = {"triples", "entity_types"} - tensors.keys()
         if missing:

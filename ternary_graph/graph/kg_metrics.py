@@ -46,8 +46,8 @@ def filtered_ranks(
         num_entities: candidates are the entity ids ``0 .. num_entities - 1``.
         batch_size: most scores requested from ``score_fn`` per call (queries x
             candidates); bounds memory. Results do not depend on it.
-        device: where the index tensors given to ``score_fn`` live (default CPU); the
-            scores come back to the CPU for ranking.
+        device: where the index tensors given to ``score_fn`` live (default CPU); ranks
+            are counted on the device of the returned scores and returned on the CPU.
 
     Shapes:
         test_triples: (T, 3) integer; known_triples: (K, 3) integer.
@@ -78,7 +78,9 @@ def filtered_ranks(
             excluded = index.mask(rows[:, q_col], rows[:, 1], num_entities)
             answer = rows[:, a_col]
             excluded[torch.arange(rows.shape[0]), answer] = True
-            ranks[start : start + rows.shape[0], side] = _tie_averaged_rank(scores, answer, excluded)
+            # Rank where the scores are (a GPU scorer never ships its score rows to the host).
+            rank = _tie_averaged_rank(scores, answer.to(scores.device), excluded.to(scores.device))
+            ranks[start : start + rows.shape[0], side] = rank.cpu()
     return ranks
 
 
@@ -189,7 +191,7 @@ def _score_rows(
             )
         if s.dtype == torch.bool or s.is_complex():
             raise TypeError(f"score_fn must return real scores, got dtype {s.dtype}")
-        parts.append(s.detach().cpu())
+        parts.append(s.detach())
     scores = torch.cat(parts, dim=1)
     if scores.is_floating_point() and bool(torch.isnan(scores).any()):
         raise ValueError("score_fn returned NaN scores; ranks would be meaningless")

@@ -38,11 +38,15 @@ and eviction keeps at most ``fanout`` edges per code and ``capacity`` in all. Th
 nudges ``load_bias`` with the tokens routed since the previous call. Votes are only recorded
 in ``train()`` mode.
 
-torch.compile: the layer runs under ``torch.compile`` with graph breaks, at two places by
-design: ``dispatch_combine`` reads the per-expert token counts on the host (``.tolist()``: slice
-sizes must be Python ints to run each expert on a contiguous slice), and the vote capture is
-an ``autograd.Function`` whose backward writes into a Python object. The input range check
-is skipped while compiling. See ``tests/test_moegraph.py::test_torch_compile``.
+torch.compile: the layer compiles and matches eager (outputs, input gradients, votes and
+accumulators; ``backend='aot_eager'`` in the tests, inductor checked by hand on CPU), with
+graph breaks. Two are MoEGraph's own and inherent: ``dispatch_combine`` reads the per-expert
+token counts on the host (``bincount(...).tolist()``: slice sizes must be Python ints to run
+each expert on a contiguous slice), and the vote backward aggregates pairs with
+``torch.unique`` (data-dependent output shape). The others come from the ternary layers it
+uses: ``TernaryEmbeddingTable.check_ids`` (boolean-mask indexing), ``check_packed``
+(``int(packed.max())``) and ``grad_anchor`` (a ``requires_grad`` tensor created inside the
+graph). The input range check of ``forward`` is skipped while compiling.
 """
 
 from __future__ import annotations
@@ -133,8 +137,14 @@ class MoEGraph(nn.Module):
         dense_limit: see ``mode``.
         centroid_candidates: experts per token proposed by centroid score (default ``top_k``).
         rule: edge bonus / learning / load-balance hyper-parameters (:class:`GraphRule`).
+        weights: "ternary" experts, or "float" nn.Linear experts for the float baseline (the
+            centroids and the edge state stay integer either way).
         zero_fraction: initial zero-trit fraction of centroids and experts (None: uniform trits).
         device, generator: where to allocate (``'meta'`` allocates nothing) and the init RNG.
+
+    Gates are a softmax over each token's *routed* experts, so with ``top_k=1`` every gate is
+    exactly 1 and neither the centroids nor the edges receive a routing signal (the votes are
+    all 0): edge learning needs ``top_k >= 2``.
 
     Centroid rows start at the unit-variance scale ``1/sqrt(2/3 · dim)``, so for unit-variance
     tokens the centroid score ``x · c_e`` has unit variance and the edge bonus (see
@@ -149,7 +159,7 @@ class MoEGraph(nn.Module):
     def __init__(self, dim: int, num_experts: int, expert_hidden: int, *, codebook_size: int, top_k: int = 2,
                  fanout: int = 4, capacity: int | None = None, mode: str = "auto", dense_limit: int = 1_000_000,
                  centroid_candidates: int | None = None, rule: GraphRule | None = None,
-                 zero_fraction: float | None = None, device: torch.device | str | None = None,
+                 weights: str = "ternary", zero_fraction: float | None = None, device: torch.device | str | None = None,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         _check_pos_int("dim", dim)
@@ -157,7 +167,7 @@ class MoEGraph(nn.Module):
         _check_pos_int("expert_hidden", expert_hidden)
         _check_pos_int("codebook_size", codebook_size)
         if codebook_size > MAX_CODEBOOK_SIZE:
-            raise ValueError(f"codebook_size must be < 2**31 - 1 (int32 edge ids), got {codebook_size}")
+            raise ValueError(f"codebook_size must be <= 2**31 - 1 (int32 edge ids), got {codebook_size}")
         _check_pos_int("top_k", top_k)
         _check_pos_int("fanout", fanout)
         _check_pos_int("dense_limit", dense_limit, minimum=0)
@@ -201,7 +211,8 @@ class MoEGraph(nn.Module):
                                                init_scale=default_row_scale(dim, nonzero), device=device,
                                                generator=generator)
         self.experts = nn.ModuleList(
-            TernarySwiGLU(dim, expert_hidden, zero_fraction=zero_fraction, device=device, generator=generator)
+            TernarySwiGLU(dim, expert_hidden, weights=weights, zero_fraction=zero_fraction, device=device,
+                          generator=generator)
             for _ in range(num_experts))
         self.register_buffer("load_bias", torch.zeros(num_experts, dtype=torch.int8, device=device))
         if mode == "dense":
@@ -272,7 +283,8 @@ class MoEGraph(nn.Module):
             raise ValueError(f"src, dst and score must have the same length, got {n}, {dst.numel()}, {score.numel()}")
         if score.dtype != torch.int8:
             raise ValueError(f"score must be int8, got dtype={score.dtype}")
-        src, dst, score = src.reshape(-1).long().to(device), dst.reshape(-1).long().to(device), score.reshape(-1).to(device)
+        src, dst = src.reshape(-1).long().to(device), dst.reshape(-1).long().to(device)
+        score = score.reshape(-1).to(device)
         if n:
             if int(src.min()) < 0 or int(src.max()) >= self.codebook_size:
                 raise ValueError(f"src must lie in [0, {self.codebook_size}), got [{int(src.min())}, {int(src.max())}]")
@@ -285,9 +297,10 @@ class MoEGraph(nn.Module):
         key, src, dst, score = key[order], src[order], dst[order], score[order]
         if n > 1 and bool((key[1:] == key[:-1]).any()):
             raise ValueError("edges must be distinct (code, expert) pairs; got duplicates")
-        per_code = torch.bincount(src, minlength=1)
+        # Counts per present code (src is sorted): no O(codebook) temporary.
+        per_code = torch.unique_consecutive(src, return_counts=True)[1]
         if self.mode == "dense":
-            if n != self.capacity or bool((per_code != self.fanout).any()):
+            if n != self.capacity or per_code.numel() != self.codebook_size or bool((per_code != self.fanout).any()):
                 raise ValueError(f"dense mode needs exactly fanout={self.fanout} edges for each of "
                                  f"{self.codebook_size} codes, got {n} edges")
             self.edge_index[1].copy_(dst.to(torch.int32))
@@ -333,7 +346,8 @@ class MoEGraph(nn.Module):
         if code_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"code_ids must be int32 or int64, got dtype={code_ids.dtype}")
         if tuple(code_ids.shape) != tuple(x.shape[:-1]):
-            raise ValueError(f"code_ids must have shape x.shape[:-1]={tuple(x.shape[:-1])}, got {tuple(code_ids.shape)}")
+            raise ValueError(f"code_ids must have shape x.shape[:-1]={tuple(x.shape[:-1])}, "
+                             f"got {tuple(code_ids.shape)}")
         if code_ids.device != x.device:
             raise ValueError(f"code_ids is on {code_ids.device} but x is on {x.device}")
         if code_ids.numel() and not torch.compiler.is_compiling():
@@ -347,7 +361,8 @@ class MoEGraph(nn.Module):
         return x2.float() @ self.centroids(ids, dtype=torch.float32).T
 
     def route(self, x2: torch.Tensor, codes: torch.Tensor) -> RoutePlan:
-        """Candidates, selection and gates for flattened tokens (no expert runs).
+        """Candidates, selection and gates for flattened tokens (no expert runs, no input checks:
+        ``forward`` validates; this is the routing alone, e.g. for benchmarks).
 
         Shapes: x2 (T, dim) float; codes (T,) int64 -> :class:`RoutePlan` of (T · top_k,)
         """
@@ -365,11 +380,11 @@ class MoEGraph(nn.Module):
         expert = sel.expert.reshape(-1)
         centroid_logit = scores.gather(1, sel.expert).reshape(-1)
         if self.training and centroid_logit.requires_grad:
-            logits = EdgeVoteFunction.apply(centroid_logit, sel.bonus.reshape(-1), codes.repeat_interleave(k),
-                                            expert, self._votes)
+            pair_code = codes[:, None].expand(T, k).reshape(-1)
+            logits = EdgeVoteFunction.apply(centroid_logit, sel.bonus.reshape(-1), pair_code, expert, self._votes)
         else:
             logits = centroid_logit + sel.bonus.reshape(-1)
-        token = torch.arange(T, device=x2.device).repeat_interleave(k)
+        token = torch.arange(T, device=x2.device)[:, None].expand(T, k).reshape(-1)
         gate = gate_softmax(logits, token, T)
         return RoutePlan(token=token, expert=expert, gate=gate, via_edge=sel.via_edge.reshape(-1))
 
@@ -401,7 +416,8 @@ class MoEGraph(nn.Module):
         """
         rule = self.rule
         src, dst, attr, score = self._edge_arrays()
-        code, expert, votes = self._votes.take(src.device)
+        # .to(): votes or loads cast before the module moved device follow it.
+        code, expert, votes = (t.to(src.device) for t in self._votes.take(src.device))
         slots = match_edges(src, dst, code, expert, self.fanout)
         matched = slots >= 0
         m_slots, m_votes = slots[matched], votes[matched]
@@ -428,6 +444,7 @@ class MoEGraph(nn.Module):
                 inserted, evicted = res.inserted, res.evicted
         attr.copy_(edge_attr_from_score(score, rule.attr_threshold))
         load, self._pending_load = self._pending_load, None
+        load = None if load is None else load.to(src.device)
         total = 0 if load is None else int(load.sum())
         max_share = min_share = 0.0
         if load is not None and total:
@@ -476,3 +493,13 @@ class MoEGraph(nn.Module):
         return (f"dim={self.dim}, num_experts={self.num_experts}, expert_hidden={self.expert_hidden}, "
                 f"codebook_size={self.codebook_size}, top_k={self.top_k}, fanout={self.fanout}, mode={self.mode}, "
                 f"capacity={self.capacity}, centroid_candidates={self.centroid_candidates}")
+
+
+def update_graphs(model: nn.Module) -> list[GraphUpdateStats]:
+    """Call :meth:`MoEGraph.update_graph` on every MoEGraph in ``model`` (once each, in module
+    order); the one call a training loop needs after ``optimizer.step()``."""
+    seen: dict[int, MoEGraph] = {}
+    for sub in model.modules():
+        if isinstance(sub, MoEGraph):
+            seen.setdefault(id(sub), sub)
+    return [m.update_graph() for m in seen.values()]

@@ -16,9 +16,10 @@ what these functions return back into them. The pieces, in the order a step uses
    contiguous slice, and ``torch_geometric.utils.scatter(reduce='sum')`` adds the gated
    outputs back per token.
 5. **Votes.** The edge bonus of each routed pair enters the gate logit through
-   :class:`EdgeVoteFunction` (``centroid score + bonus``), whose backward receives ``∂L/∂logit`` of every pair and turns it
-   into the int32 vote ``-sign(∂L/∂logit)`` (+1: raising this pair's gate lowers the loss),
-   summed per (code, expert) pair into a :class:`VoteSink`. No float is kept.
+   :class:`EdgeVoteFunction` (``centroid score + bonus``), whose backward receives
+   ``∂L/∂logit`` of every pair and turns it into the int32 vote ``-sign(∂L/∂logit)``
+   (+1: raising this pair's gate lowers the loss), summed per (code, expert) pair into a
+   :class:`VoteSink`. No float is kept.
 6. **Graph update.** Matched edges move their int8 score by the clamped net vote (saturating);
    unmatched pairs with enough positive votes are inserted; per code at most ``fanout``
    edges and in all at most ``capacity`` edges survive, the lowest scores evicted first.
@@ -152,8 +153,11 @@ def select_experts(scores: torch.Tensor, select_bias: torch.Tensor | None, edge_
                    centroid_candidates: int) -> Selection:
     """Top-k over each token's candidates (edge experts ∪ top centroid experts), duplicates merged.
 
-    Candidates are marked in a (T, E) mask, which merges an expert proposed both by an edge and
-    by its centroid into one candidate, carrying the edge's bonus.
+    Works in candidate space, (T, centroid_candidates + fanout), not over all experts: the only
+    (T, E) pass is the centroid top-k. An expert proposed both by its centroid and by an edge
+    becomes one candidate carrying the edge's bonus. The edges of one code are distinct
+    experts, and invalid edge slots score -inf; the caller guarantees ``top_k`` never exceeds
+    the distinct candidates.
 
     Shapes:
         scores: (T, E) float centroid scores
@@ -161,23 +165,23 @@ def select_experts(scores: torch.Tensor, select_bias: torch.Tensor | None, edge_
         edge_expert: (T, F) int64; edge_bonus_: (T, F) float; edge_valid: (T, F) bool
         returns: :class:`Selection` of (T, top_k)
     """
-    T, E = scores.shape
     sel = scores.detach().float()
     if select_bias is not None:
         sel = sel + select_bias.float()
-    candidate = torch.zeros(T, E, dtype=torch.bool, device=scores.device)
-    if centroid_candidates > 0:
-        candidate.scatter_(1, sel.topk(centroid_candidates, dim=1).indices, True)
-    # scatter_add, not scatter_: an invalid slot (redirected to expert 0 with weight 0) must
-    # not overwrite a valid edge to expert 0 in the same row.
-    dst = torch.where(edge_valid, edge_expert, 0)
-    w = edge_valid.float()
-    is_edge = torch.zeros(T, E, device=scores.device).scatter_add_(1, dst, w) > 0
-    bonus = torch.zeros(T, E, device=scores.device).scatter_add_(1, dst, edge_bonus_.float() * w)
-    logits = torch.where(candidate | is_edge, sel + bonus, float("-inf"))
-    expert = logits.topk(top_k, dim=1).indices
-    return Selection(expert=expert, bonus=bonus.gather(1, expert).to(scores.dtype),
-                     via_edge=is_edge.gather(1, expert))
+    edge_expert = torch.where(edge_valid, edge_expert, 0)
+    bonus = torch.where(edge_valid, edge_bonus_.float(), 0.0)
+    c_val, c_idx = sel.topk(centroid_candidates, dim=1)  # (T, m)
+    dup = (c_idx[:, :, None] == edge_expert[:, None, :]) & edge_valid[:, None, :]  # (T, m, F)
+    c_bonus = (dup.float() * bonus[:, None, :]).sum(dim=2)
+    e_keep = edge_valid & ~dup.any(dim=1)  # the centroid entry already stands for a duplicate
+    e_val = torch.where(e_keep, sel.gather(1, edge_expert) + bonus, float("-inf"))
+    cand_expert = torch.cat([c_idx, edge_expert], dim=1)
+    cand_logit = torch.cat([c_val + c_bonus, e_val], dim=1)
+    cand_bonus = torch.cat([c_bonus, bonus], dim=1)
+    cand_edge = torch.cat([dup.any(dim=2), edge_valid], dim=1)
+    top = cand_logit.topk(top_k, dim=1).indices
+    return Selection(expert=cand_expert.gather(1, top), bonus=cand_bonus.gather(1, top).to(scores.dtype),
+                     via_edge=cand_edge.gather(1, top))
 
 
 def gate_softmax(logits: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -20,13 +20,20 @@ from .ternary_linear import sign_votes
 def gather_rows_reference(packed: torch.Tensor, E: torch.Tensor, rows: torch.Tensor, cols: int,
                           dtype: torch.dtype) -> torch.Tensor:
     """Shapes: packed (R, ceil(cols/5)) uint8, E (R,) int8, rows (n,) int64 -> (n, cols) dtype."""
+    if rows.numel() == 0:  # unpack_trits cannot reshape zero rows
+        return torch.empty(0, cols, dtype=dtype, device=packed.device)
     trits = unpack_trits(packed.index_select(0, rows), cols)
     return trits.to(dtype) * exponent_to_scale(E.index_select(0, rows), dtype)[:, None]
 
 
 def scatter_votes_(grad: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, T_accum: torch.Tensor,
                    E_accum: torch.Tensor, cols: int, vote_magnitude: int) -> torch.Tensor:
-    """Cast the votes of ``grad`` (n, cols) for ``rows`` (n,); returns the unique rows touched."""
+    """Cast the votes of ``grad`` (n, cols) for ``rows`` (n,); returns the unique rows touched.
+
+    Duplicate ids are summed first (in fp32), then one saturating ``sign`` vote per trit.
+    """
+    if rows.numel() == 0:
+        return rows.new_empty(0)
     unique, inverse = torch.unique(rows, return_inverse=True)
     summed = torch.zeros(unique.numel(), cols, dtype=torch.float32, device=grad.device)
     summed.index_add_(0, inverse, grad.to(torch.float32))

@@ -40,10 +40,11 @@ from ._triton import check_kernel_tensors, interpreting
 from .ternary_linear import linear_backward_reference, linear_forward_reference, sign_votes
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-FORWARD_PATHS = ("auto", "gemv_lut", "gemv_fma", "dot", "gemm")
+FORWARD_PATHS = ("auto", "gemv_lut", "gemv_fma", "dot", "gemm", "dequant")
+BACKWARD_PATHS = ("auto", "dot", "plane", "dequant")
 SMALL_M = 16  # M at or below which the forward uses the skinny dot path (and M == 1 the GEMV)
 # Which M = 1 kernel "auto" takes; chosen from the measurements in docs/kernels.md.
-DEFAULT_GEMV = "gemv_lut"
+DEFAULT_GEMV = "gemv_fma"
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
 
 
@@ -252,7 +253,7 @@ def _grad_input_kernel(g_ptr, p_ptr, e_ptr, gi_ptr, M, N, K, KB, stride_gm, stri
 
 
 @triton.jit
-def _cast_plane_votes(acc, w, t_rows, n_mask, offs_j, i: tl.constexpr, K, magnitude):
+def _cast_plane_votes(acc, w, t_rows, n_mask, offs_j, i, K, magnitude):
     """Saturating sign votes of one dW plane into int8 T_accum; returns the plane's Σ dW·T."""
     col = 5 * offs_j + i
     mask = n_mask & (col[None, :] < K)
@@ -307,6 +308,129 @@ def _votes_kernel(g_ptr, x_ptr, p_ptr, t_ptr, esum_ptr, M, N, K, KB,
     w, q = _next_trit(q)
     esum += _cast_plane_votes(acc0, w, t_rows, n_mask, offs_j, 0, K, magnitude)
     tl.atomic_add(esum_ptr + offs_n, esum, mask=offs_n < N)
+
+
+# --------------------------------------------------------------------------------------------
+# plane-major kernels (large M): one big tl.dot per step, the decoded trits as the register operand
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _plane_divisor_magic(i):
+    """Multiplier with ``(b * magic) >> 16 == b // 3**i`` for every byte b (checked in the tests)."""
+    return tl.where(i == 0, 65536, tl.where(i == 1, 21846, tl.where(i == 2, 7282, tl.where(i == 3, 2428, 810))))
+
+
+@triton.jit
+def _plane_trit(b, magic):
+    """Trit of digit plane i of bytes ``b`` as fp32, with ``magic = _plane_divisor_magic(i)``."""
+    t = (b * magic) >> 16
+    d = t - 3 * ((t * 21846) >> 16)
+    return (d | 0x4B000000).to(tl.float32, bitcast=True) - 8388609.0
+
+
+@triton.jit(do_not_specialize=["M", "N", "KB"])  # sizes vary per call; recompiling per value buys nothing
+def _plane_gemm_kernel(x_ptr, p_ptr, e_ptr, y_ptr, M, N, KB, stride_xm, stride_xi, stride_pn, stride_ym,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                       PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """yᵀ tile (BN, BM) = Σ over planes i and byte blocks of W_i (BN, BK) · X_iᵀ (BK, BM).
+
+    x is the plane-major copy (M, 5, KBp), zero-padded so that its byte blocks need no mask.
+    """
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    n_mask = offs_n[:, None] < N
+    m_mask = offs_m[:, None] < M
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    p_rows = p_ptr + offs_n[:, None].to(tl.int64) * stride_pn
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for i in tl.static_range(5):
+        magic = _plane_divisor_magic(i)
+        for j0 in range(0, KB, BK):
+            j = j0 + offs_k
+            b = tl.load(p_rows + j[None, :], mask=n_mask & (j[None, :] < KB), other=121).to(tl.int32)
+            xt = tl.load(x_rows + i * stride_xi + j[None, :], mask=m_mask, other=0.0)
+            acc = _dot(_plane_trit(b, magic).to(xt.dtype), tl.trans(xt), acc, PREC, UPCAST)
+    e = tl.load(e_ptr + offs_n, mask=offs_n < N, other=0)
+    y = acc * _row_scale(e)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_mask & (offs_m[None, :] < M))
+
+
+@triton.jit(do_not_specialize=["M", "N", "K", "KB"])  # sizes vary per call; recompiling per value buys nothing
+def _plane_grad_input_kernel(g_ptr, p_ptr, e_ptr, gi_ptr, M, N, K, KB, stride_gm, stride_pn, stride_gim,
+                             BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, GROUP_M: tl.constexpr,
+                             PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """grad_inputᵀ tile of plane i (BJ, BM) = Σ_n (T_i ⊙ s)ᵀ (BJ, BN) · gradᵀ (BN, BM)."""
+    num_j = tl.cdiv(KB, BJ)
+    pid_m, pid_c = _grouped_pid(tl.program_id(0), tl.cdiv(M, BM), 5 * num_j, GROUP_M)
+    i = pid_c // num_j
+    offs_j = (pid_c % num_j) * BJ + tl.arange(0, BJ)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n0 = tl.arange(0, BN)
+    magic = _plane_divisor_magic(i)
+    m_mask = offs_m[:, None] < M
+    j_mask = offs_j[:, None] < KB
+    g_rows = g_ptr + offs_m[:, None].to(tl.int64) * stride_gm
+    acc = tl.zeros((BJ, BM), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        n = n0 + offs_n0
+        n_ok = n < N
+        bt = tl.load(p_ptr + n[None, :].to(tl.int64) * stride_pn + offs_j[:, None], mask=j_mask & n_ok[None, :],
+                     other=121).to(tl.int32)  # (BJ, BN) bytes, transposed
+        s = _row_scale(tl.load(e_ptr + n, mask=n_ok, other=0))
+        g = tl.load(g_rows + n[None, :], mask=m_mask & n_ok[None, :], other=0.0)
+        acc = _dot((_plane_trit(bt, magic) * s[None, :]).to(g.dtype), tl.trans(g), acc, PREC, UPCAST)
+    col = 5 * offs_j + i
+    gi_ptrs = gi_ptr + offs_m[None, :].to(tl.int64) * stride_gim + col[:, None]
+    tl.store(gi_ptrs, acc.to(gi_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & (col[:, None] < K))
+
+
+@triton.jit(do_not_specialize=["M", "N", "K", "KB", "magnitude"])  # sizes vary per call
+def _plane_votes_kernel(g_ptr, x_ptr, p_ptr, t_ptr, esum_ptr, M, N, K, KB,
+                        stride_gm, stride_xm, stride_xi, stride_pn, stride_tn, magnitude,
+                        BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, GROUP_N: tl.constexpr,
+                        PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dW tile of plane i (BN, BJ) = gradᵀ (BN, BM) · X_i (BM, BJ) summed over M, then votes."""
+    num_j = tl.cdiv(KB, BJ)
+    pid_n, pid_c = _grouped_pid(tl.program_id(0), tl.cdiv(N, BN), 5 * num_j, GROUP_N)
+    i = pid_c // num_j
+    offs_j = (pid_c % num_j) * BJ + tl.arange(0, BJ)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m0 = tl.arange(0, BM)
+    n_mask = offs_n[:, None] < N
+    x_cols = x_ptr + i * stride_xi + offs_j[None, :]
+    acc = tl.zeros((BN, BJ), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        m = m0 + offs_m0
+        m_ok = m[:, None] < M
+        g = tl.load(g_ptr + m[:, None].to(tl.int64) * stride_gm + offs_n[None, :],
+                    mask=m_ok & (offs_n[None, :] < N), other=0.0)  # (BM, BN)
+        xt = tl.load(x_cols + m[:, None].to(tl.int64) * stride_xm, mask=m_ok, other=0.0)  # (BM, BJ)
+        acc = _dot(tl.trans(g), xt, acc, PREC, UPCAST)
+    b = tl.load(p_ptr + offs_n[:, None].to(tl.int64) * stride_pn + offs_j[None, :],
+                mask=n_mask & (offs_j[None, :] < KB), other=121).to(tl.int32)
+    w = _plane_trit(b, _plane_divisor_magic(i))
+    t_rows = t_ptr + offs_n[:, None].to(tl.int64) * stride_tn
+    esum = _cast_plane_votes(acc, w, t_rows, n_mask, offs_j, i, K, magnitude)
+    tl.atomic_add(esum_ptr + offs_n, esum, mask=offs_n < N)
+
+
+@triton.jit(do_not_specialize=["N", "K", "KB"])  # sizes vary per call; recompiling per value buys nothing
+def _dequant_kernel(p_ptr, e_ptr, w_ptr, N, K, KB, stride_pn, stride_wn, BN: tl.constexpr, BJ: tl.constexpr):
+    """Dense (N, K) weights T ⊙ s: the workspace of the dequantise-then-cuBLAS variant."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs_j = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    n_mask = offs_n[:, None] < N
+    b = tl.load(p_ptr + offs_n[:, None].to(tl.int64) * stride_pn + offs_j[None, :],
+                mask=n_mask & (offs_j[None, :] < KB), other=121).to(tl.int32)
+    s = _row_scale(tl.load(e_ptr + offs_n, mask=offs_n < N, other=0))[:, None]
+    q = _q_of_byte(b)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    for r in tl.static_range(5):
+        w, q = _next_trit(q)
+        col = 5 * offs_j[None, :] + (4 - r)
+        tl.store(w_rows + col, (w * s).to(w_ptr.dtype.element_ty), mask=n_mask & (col < K))
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,17 +489,31 @@ def _check_out(out: torch.Tensor | None, shape: tuple[int, int], like: torch.Ten
     return out
 
 
+def dequantize_triton(packed: torch.Tensor, E: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense (N, K) weights ``T ⊙ s`` in ``dtype`` (a transient workspace, never stored on a module)."""
+    N, KB = packed.shape
+    w = torch.empty(N, in_features, dtype=dtype, device=packed.device)
+    if N and KB:
+        BN, BJ = 32, 64
+        _dequant_kernel[(triton.cdiv(N, BN), triton.cdiv(KB, BJ))](packed, E, w, N, in_features, KB, packed.stride(0),
+                                                                   w.stride(0), BN=BN, BJ=BJ, num_warps=4)
+    return w
+
+
 def forward_triton(x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, in_features: int, *,
-                   path: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+                   path: str = "auto", out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """Launcher of the forward kernels.
 
     Shapes:
         x2d: (M, K) float32 / bfloat16 / float16 (float64 runs the torch reference)
         packed: (N, ceil(K/5)) uint8;  E: (N,) int8
         returns: (M, N) in x2d.dtype
-    ``path``: "auto" (M == 1: GEMV, M <= 16: skinny dot, else GEMM), or one kernel by name
-    ("gemv_lut", "gemv_fma" need M == 1; "dot" reads x in place; "gemm" makes a plane-major copy).
+    ``path``: "auto" (M == 1: ``DEFAULT_GEMV``, M <= 16: "dot", else "gemm"), or one variant:
+    "gemv_fma" / "gemv_lut" (M == 1 only), "dot" (five plane dots per byte tile, x read in place),
+    "gemm" (plane-major copy of x, one dot per step), "dequant" (dense workspace + torch matmul).
     ``out``: optional (M, N) contiguous result buffer (the tests poison it to catch unwritten outputs).
+    ``config``: optional block sizes for "gemv_fma" (BN, BKB, warps) or "gemm" (BM, BN, BK, warps, stages),
+    used by the benchmark's sweeps.
     """
     _check_linear_args(x2d, packed, E, in_features)
     check_kernel_tensors(x2d=x2d, packed=packed, E=E)
@@ -394,9 +532,9 @@ def forward_triton(x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, in_
     if M == 0 or N == 0:
         return y
     if path == "gemv_fma":
-        BN, BKB = (32, 64) if N >= 4096 else (16, 64)
-        _gemv_fma_kernel[(triton.cdiv(N, BN),)](x2d, packed, E, y, N, K, KB, packed.stride(0),
-                                                BN=BN, BKB=BKB, num_warps=4)
+        cfg = dict(BN=32 if N >= 8192 else 16, BKB=64, warps=4) | (config or {})
+        _gemv_fma_kernel[(triton.cdiv(N, cfg["BN"]),)](x2d, packed, E, y, N, K, KB, packed.stride(0),
+                                                       BN=cfg["BN"], BKB=cfg["BKB"], num_warps=cfg["warps"])
         return y
     if path == "gemv_lut":
         BN, G = 256, 16
@@ -414,24 +552,28 @@ def forward_triton(x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, in_
         _gemv_lut_kernel[(n_blocks, split)](x2d, packed, E, y32, N, K, KB, packed.stride(0), kb_per_split,
                                             BN=BN, G=G, ATOMIC=True, num_warps=8)
         return y if y32 is y else y.copy_(y32)
+    if path == "dequant":
+        return torch.matmul(x2d, dequantize_triton(packed, E, K, x2d.dtype).t(), out=y)
     prec, upcast = _dot_options(x2d.dtype)
     if path == "dot":
-        BM, BN, BKB, warps, stages = 16, 64, 64, 4, 3
-        xk, strides, padded = x2d, (x2d.stride(0), 1, 5), False
-    else:
-        BM, BN, BKB, warps, stages = 128, 128, 32, 8, 3
-        xk = plane_major(x2d, BKB)
-        strides, padded = (xk.stride(0), xk.stride(1), 1), True
-    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-    _forward_dot_kernel[grid](xk, packed, E, y, M, N, K, KB, *strides, packed.stride(0), y.stride(0),
-                              BM=BM, BN=BN, BKB=BKB, GROUP_M=8, X_PADDED=padded, PREC=prec, UPCAST=upcast,
-                              num_warps=warps, num_stages=stages)
+        BM, BN, BKB = 16, 64, 64
+        grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+        _forward_dot_kernel[grid](x2d, packed, E, y, M, N, K, KB, x2d.stride(0), 1, 5, packed.stride(0), y.stride(0),
+                                  BM=BM, BN=BN, BKB=BKB, GROUP_M=8, X_PADDED=False, PREC=prec, UPCAST=upcast,
+                                  num_warps=4, num_stages=3)
+        return y
+    cfg = dict(BM=128, BN=128, BK=64, warps=8, stages=3) | (config or {})
+    xp = plane_major(x2d, cfg["BK"])
+    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]),)
+    _plane_gemm_kernel[grid](xp, packed, E, y, M, N, KB, xp.stride(0), xp.stride(1), packed.stride(0), y.stride(0),
+                             BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=8, PREC=prec, UPCAST=upcast,
+                             num_warps=cfg["warps"], num_stages=cfg["stages"])
     return y
 
 
 def backward_triton(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor,
                     T_accum: torch.Tensor, E_accum: torch.Tensor, in_features: int, vote_magnitude: int,
-                    needs_input_grad: bool, *, out: torch.Tensor | None = None) -> torch.Tensor | None:
+                    needs_input_grad: bool, *, out: torch.Tensor | None = None, path: str = "auto") -> torch.Tensor | None:
     """Launcher of the backward kernels: grad_input and the fused votes.
 
     Shapes:
@@ -439,10 +581,15 @@ def backward_triton(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tenso
         T_accum: (N, K) int8 (updated in place), E_accum: (N,) int8 (updated in place)
         returns: grad_input (M, K) in x2d.dtype, or None when ``needs_input_grad`` is False
     ``out``: optional (M, K) contiguous buffer for grad_input.
+    ``path``: "auto" (M <= 16: "dot", else "plane"), "dot" (five plane accumulators, x read in
+    place), "plane" (plane-major copy of x, one dot per step) or "dequant" (grad_input through a
+    dense workspace and torch matmul; votes as "plane"). Votes never leave registers as floats.
     """
     _check_linear_args(x2d, packed, E, in_features)
     M, K = x2d.shape
     N, KB = packed.shape
+    if path not in BACKWARD_PATHS:
+        raise ValueError(f"path must be one of {BACKWARD_PATHS}, got {path!r}")
     if grad2d.dim() != 2 or tuple(grad2d.shape) != (M, N):
         raise ValueError(f"grad2d must have shape ({M}, {N}), got {tuple(grad2d.shape)}")
     for name, t, shape in (("T_accum", T_accum, (N, K)), ("E_accum", E_accum, (N,))):
@@ -465,22 +612,35 @@ def backward_triton(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tenso
         if grad_input is not None:
             grad_input.zero_()
         return grad_input
-    if needs_input_grad:
-        BM, BN, BKB, warps = (16, 64, 32, 4) if M <= SMALL_M else (128, 64, 32, 8)
-        grid = (triton.cdiv(M, BM) * triton.cdiv(KB, BKB),)
-        _grad_input_kernel[grid](grad2d, packed, E, grad_input, M, N, K, KB, grad2d.stride(0), packed.stride(0),
-                                 grad_input.stride(0), BM=BM, BN=BN, BKB=BKB, GROUP_M=8, PREC=prec,
-                                 UPCAST=upcast, num_warps=warps, num_stages=3)
-    BN, BKB, BM, warps = (64, 32, 16, 4) if M <= SMALL_M else (128, 32, 64, 8)
-    if M <= SMALL_M:
-        xk, strides, padded = x2d, (x2d.stride(0), 1, 5), False
-    else:
-        xk = plane_major(x2d, BKB)
-        strides, padded = (xk.stride(0), xk.stride(1), 1), True
+    if path == "auto":
+        path = "dot" if M <= SMALL_M else "plane"
     esum = torch.zeros(N, dtype=torch.float32, device=x2d.device)
-    grid = (triton.cdiv(N, BN) * triton.cdiv(KB, BKB),)
-    _votes_kernel[grid](grad2d, xk, packed, T_accum, esum, M, N, K, KB, grad2d.stride(0), *strides,
-                        packed.stride(0), T_accum.stride(0), vote_magnitude, BM=BM, BN=BN, BKB=BKB, GROUP_N=8,
-                        X_PADDED=padded, PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=3)
+    if path == "dot":
+        if needs_input_grad:
+            BM, BN, BKB = 16, 64, 32
+            grid = (triton.cdiv(M, BM) * triton.cdiv(KB, BKB),)
+            _grad_input_kernel[grid](grad2d, packed, E, grad_input, M, N, K, KB, grad2d.stride(0), packed.stride(0),
+                                     grad_input.stride(0), BM=BM, BN=BN, BKB=BKB, GROUP_M=8, PREC=prec,
+                                     UPCAST=upcast, num_warps=4, num_stages=3)
+        BN, BKB, BM = 64, 32, 16
+        grid = (triton.cdiv(N, BN) * triton.cdiv(KB, BKB),)
+        _votes_kernel[grid](grad2d, x2d, packed, T_accum, esum, M, N, K, KB, grad2d.stride(0), x2d.stride(0), 1, 5,
+                            packed.stride(0), T_accum.stride(0), vote_magnitude, BM=BM, BN=BN, BKB=BKB, GROUP_N=8,
+                            X_PADDED=False, PREC=prec, UPCAST=upcast, num_warps=4, num_stages=3)
+    else:
+        if needs_input_grad and path == "dequant":
+            torch.matmul(grad2d, dequantize_triton(packed, E, K, x2d.dtype), out=grad_input)
+        elif needs_input_grad:
+            BM, BN, BJ = 128, 64, 128
+            grid = (triton.cdiv(M, BM) * 5 * triton.cdiv(KB, BJ),)
+            _plane_grad_input_kernel[grid](grad2d, packed, E, grad_input, M, N, K, KB, grad2d.stride(0),
+                                           packed.stride(0), grad_input.stride(0), BM=BM, BN=BN, BJ=BJ, GROUP_M=8,
+                                           PREC=prec, UPCAST=upcast, num_warps=8, num_stages=3)
+        BN, BJ, BM = 128, 128, 64
+        xp = plane_major(x2d, BJ)
+        grid = (triton.cdiv(N, BN) * 5 * triton.cdiv(KB, BJ),)
+        _plane_votes_kernel[grid](grad2d, xp, packed, T_accum, esum, M, N, K, KB, grad2d.stride(0), xp.stride(0),
+                                  xp.stride(1), packed.stride(0), T_accum.stride(0), vote_magnitude, BM=BM, BN=BN,
+                                  BJ=BJ, GROUP_N=8, PREC=prec, UPCAST=upcast, num_warps=8, num_stages=3)
     saturating_add_(E_accum, sign_votes(esum, vote_magnitude))
     return grad_input

@@ -14,6 +14,7 @@ since the architecture has no float version of them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +48,11 @@ class Block(nn.Module):
         self.quantizes = layer in cfg.quantize_layers
         self.vq_proj = make_linear(cfg.dim, cfg.codebook_dim, weights, device=device, generator=generator) \
             if self.quantizes else None
+        # Small codebooks hold every code's fanout edges (dense mode); past edge_capacity the
+        # bounded active-edge set (large mode) takes over.
+        capacity = None if cfg.edge_capacity >= cfg.codebook_size * cfg.fanout else cfg.edge_capacity
         self.moe = MoEGraph(cfg.dim, cfg.num_experts, cfg.expert_hidden, codebook_size=cfg.codebook_size,
-                            top_k=cfg.top_k, fanout=cfg.fanout, capacity=cfg.edge_capacity, weights=weights,
+                            top_k=cfg.top_k, fanout=cfg.fanout, capacity=capacity, weights=weights,
                             device=device, generator=generator)
 
     def forward(self, x: torch.Tensor, code_ids: torch.Tensor | None, vq: TernaryVQCodebook):
@@ -125,15 +129,28 @@ class TernaryGraphLM(nn.Module):
         """Score KG candidates (ids into the KG codebook) for each hidden state and relation."""
         return self.head.kg_scores(hidden, relation_ids, self.kg_vq.codes(candidate_codes))
 
-    def update_graph(self) -> None:
+    def update_graph(self) -> list:
         """Apply the routing graphs' pending edge votes (call after the optimizer step)."""
-        for block in self.blocks:
-            block.moe.update_graph()
+        self._last_graph_updates = [block.moe.update_graph() for block in self.blocks]
+        return self._last_graph_updates
 
     def routing_stats(self) -> dict:
-        """Per-layer routing statistics of the last batch plus codebook usage."""
-        stats = {f"layer{b.layer}": b.moe.routing_stats() for b in self.blocks}
-        stats["shared_vq"] = self.shared_vq.stats()
+        """Routing of the last batch and last graph update, per layer, plus shared-VQ usage."""
+        stats: dict = {}
+        updates = getattr(self, "_last_graph_updates", None) or [None] * len(self.blocks)
+        for block, update in zip(self.blocks, updates):
+            layer: dict = {"active_edges": block.moe.num_active_edges}
+            routing = block.moe.last_routing
+            if routing is not None and routing.token.numel():
+                load = routing.load().float()
+                layer["via_edge_fraction"] = float(routing.via_edge.float().mean())
+                layer["load_max_share"] = float(load.max() / load.sum())
+                layer["load_min_share"] = float(load.min() / load.sum())
+            if update is not None:
+                layer.update(edges_inserted=update.inserted, edges_evicted=update.evicted,
+                             edges_up=update.edges_up, edges_down=update.edges_down)
+            stats[f"layer{block.layer}"] = layer
+        stats["shared_vq"] = dataclasses.asdict(self.shared_vq.stats())
         return stats
 
     def moe_layers(self) -> list[MoEGraph]:

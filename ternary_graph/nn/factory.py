@@ -18,11 +18,13 @@ def check_weights(weights: str) -> str:
 
 
 def make_linear(in_features: int, out_features: int, weights: str = "ternary", *,
-                device: torch.device | str | None = None, generator: torch.Generator | None = None) -> nn.Module:
-    """A bias-free TernaryLinear, or an nn.Linear of the same shape for ``weights='float'``."""
+                zero_fraction: float | None = None, device: torch.device | str | None = None,
+                generator: torch.Generator | None = None) -> nn.Module:
+    """A bias-free TernaryLinear, or an nn.Linear of the same shape for ``weights='float'``
+    (``zero_fraction`` only shapes the ternary init)."""
     if check_weights(weights) == "float":
         return nn.Linear(in_features, out_features, bias=False, device=device)
-    return TernaryLinear(in_features, out_features, device=device, generator=generator)
+    return TernaryLinear(in_features, out_features, zero_fraction=zero_fraction, device=device, generator=generator)
 
 
 class FloatEmbedding(nn.Embedding):

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .linear import TernaryLinear
+from .factory import make_linear
 
 
 class TernarySwiGLU(nn.Module):
-    """``y = down(silu(gate(x)) * up(x))`` with every matrix ternary.
+    """``y = down(silu(gate(x)) * up(x))`` with every matrix ternary (``weights="float"``: the
+    float baseline's nn.Linear layers of the same shapes).
 
     ``gate`` and ``up`` are one fused ``TernaryLinear(dim, 2 * hidden)`` (rows ``[0, hidden)``
     are the gate, rows ``[hidden, 2 * hidden)`` the up projection): every row has its own
@@ -22,16 +23,16 @@ class TernarySwiGLU(nn.Module):
         returns: (*, dim), same dtype as x
     """
 
-    def __init__(self, dim: int, hidden: int, *, zero_fraction: float | None = None,
+    def __init__(self, dim: int, hidden: int, *, weights: str = "ternary", zero_fraction: float | None = None,
                  device: torch.device | str | None = None, generator: torch.Generator | None = None) -> None:
         super().__init__()
         for arg, value in (("dim", dim), ("hidden", hidden)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{arg} must be a positive int, got {value!r}")
         self.dim, self.hidden = dim, hidden
-        self.gate_up = TernaryLinear(dim, 2 * hidden, zero_fraction=zero_fraction, device=device,
-                                     generator=generator)
-        self.down = TernaryLinear(hidden, dim, zero_fraction=zero_fraction, device=device, generator=generator)
+        self.gate_up = make_linear(dim, 2 * hidden, weights, zero_fraction=zero_fraction, device=device,
+                                   generator=generator)
+        self.down = make_linear(hidden, dim, weights, zero_fraction=zero_fraction, device=device, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.hidden, dim=-1)
