@@ -29,10 +29,12 @@ import torch.nn.functional as F
 
 ROTATE_BYTES = 200e6
 # block-size sweeps (one tuning round; see docs/kernels.md)
-GEMV_FMA_CONFIGS = [dict(BN=16, BKB=64, warps=4), dict(BN=32, BKB=64, warps=4), dict(BN=16, BKB=128, warps=4),
-                    dict(BN=64, BKB=64, warps=8), dict(BN=8, BKB=128, warps=2)]
-GEMM_CONFIGS = [dict(BM=128, BN=128, BK=64, warps=8, stages=3), dict(BM=128, BN=256, BK=64, warps=8, stages=3),
-                dict(BM=256, BN=128, BK=64, warps=8, stages=3)]
+GEMV_FMA_CONFIGS = [dict(BN=8, BKB=128, warps=2), dict(BN=4, BKB=128, warps=1), dict(BN=8, BKB=256, warps=2),
+                    dict(BN=16, BKB=256, warps=4), dict(BN=4, BKB=256, warps=1)]
+GEMM_CONFIGS = [dict(BM=256, BN=128, BK=64, warps=8, stages=3)]
+VOTES_CONFIGS = [dict(BN=128, BJ=128, BM=64, warps=8, stages=3), dict(BN=128, BJ=64, BM=64, warps=4, stages=4),
+                 dict(BN=64, BJ=128, BM=64, warps=4, stages=4), dict(BN=128, BJ=128, BM=32, warps=4, stages=4),
+                 dict(BN=128, BJ=256, BM=64, warps=8, stages=3)]
 
 
 def _copies(bytes_per_set: float) -> int:
@@ -173,12 +175,12 @@ def main() -> int:
                 log(f"{shape} fwd {name}: FAILED {type(exc).__name__}: {str(exc)[:400]}")
         del ref
         # backward: check grad_input and votes on a slice, then time with rotated accumulators
-        def backward_case(bpath: str) -> None:
-            # check grad_input and votes on a 256-row slice, then time with rotated accumulators
+        def backward_case() -> None:
+            # check grad_input and votes on a 256-row slice (default path for this M: dequant)
             ms = 256
             T_acc = torch.zeros(N, K, dtype=torch.int8, device=dev)
             E_acc = torch.zeros(N, dtype=torch.int8, device=dev)
-            gi = kern.backward_triton(g[:ms], x[:ms], p, e, T_acc, E_acc, K, 1, True, path=bpath)
+            gi = kern.backward_triton(g[:ms], x[:ms], p, e, T_acc, E_acc, K, 1, True, path="dequant")
             trits = unpack_trits(p, K).to(torch.float32)
             s = torch.exp2(e.float() / 4)
             gi_ref = (g[:ms].float() * s) @ trits
@@ -189,19 +191,28 @@ def main() -> int:
             del trits, dW, decided, T_acc, gi
             acc_sets = [(x_, p_, e_, g_, torch.zeros(N, K, dtype=torch.int8, device=dev),
                          torch.zeros(N, dtype=torch.int8, device=dev)) for (x_, p_, e_, g_) in t_sets]
+            best = None
+            for cfg in VOTES_CONFIGS:  # the votes alone (no grad_input), per block config
+                name = f"votes{cfg['BN']}x{cfg['BJ']}x{cfg['BM']}w{cfg['warps']}"
+                try:
+                    t_v = bench(Rotator(acc_sets)(lambda x, p, e, g, ta, ea, cfg=cfg: kern.backward_triton(
+                        g, x, p, e, ta, ea, K, 1, False, path="dequant", config=cfg)), args.reps_ms)
+                    add(shape, f"bwd M={M}", name, t_v, base_b, packed_bytes, err,
+                        f"votes only; {flop / t_v / 1e6:.0f} TFLOP/s")
+                    if best is None or t_v < best[0]:
+                        best = (t_v, cfg)
+                except Exception as exc:
+                    log(f"{shape} bwd {name}: FAILED {type(exc).__name__}: {str(exc)[:400]}")
+            cfg = best[1] if best else None
             t = bench(Rotator(acc_sets)(lambda x, p, e, g, ta, ea: kern.backward_triton(
-                g, x, p, e, ta, ea, K, 1, True, path=bpath)), args.reps_ms)
-            add(shape, f"bwd M={M}", f"{bpath}", t, base_b, packed_bytes, err, f"dX+votes; vote agreement {vote_ok:.6f}")
-            if bpath == "plane":  # the votes alone, to see which half limits
-                t_votes = bench(Rotator(acc_sets)(lambda x, p, e, g, ta, ea: kern.backward_triton(
-                    g, x, p, e, ta, ea, K, 1, False, path=bpath)), args.reps_ms)
-                add(shape, f"bwd M={M}", "votes only", t_votes, base_b, packed_bytes, err, "no grad_input")
+                g, x, p, e, ta, ea, K, 1, True, path="dequant", config=cfg)), args.reps_ms)
+            add(shape, f"bwd M={M}", "dequant+votes", t, base_b, packed_bytes, err,
+                f"dX+votes, votes cfg {cfg}; vote agreement {vote_ok:.6f}")
 
-        for bpath in ("plane", "dequant"):
-            try:
-                backward_case(bpath)
-            except Exception as exc:
-                log(f"{shape} bwd {bpath}: FAILED {type(exc).__name__}: {str(exc)[:400]}")
+        try:
+            backward_case()
+        except Exception as exc:
+            log(f"{shape} bwd: FAILED {type(exc).__name__}: {str(exc)[:400]}")
         del t_sets
         torch.cuda.empty_cache()
 

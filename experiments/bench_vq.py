@@ -44,13 +44,13 @@ from ternary_graph.ternary.state import exponent_to_scale
 
 # (block_q, block_c, num_warps, num_stages, magic_decode)
 SWEEP = [
-    (128, 64, 8, 2, True),
-    (128, 64, 4, 2, True),
-    (128, 128, 8, 2, True),
     (256, 64, 8, 2, True),
-    (256, 64, 8, 2, False),
+    (256, 64, 8, 3, True),
+    (256, 32, 8, 2, True),
+    (512, 64, 16, 2, True),
+    (128, 64, 4, 2, True),
 ]
-SWEEP_X2 = [(128, 64, 8, 2, True), (256, 64, 8, 2, True)]
+SWEEP_X2 = [(256, 64, 8, 2, True), (512, 64, 16, 2, True)]
 
 
 def log(*args) -> None:

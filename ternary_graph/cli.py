@@ -34,6 +34,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="validation windows per pass (0: all)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics.jsonl lines")
     p.add_argument("--keep-last", type=int, default=d.keep_last)
     p.add_argument("--device", default=d.device)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -52,7 +53,7 @@ def _train(args: argparse.Namespace) -> int:
                       threshold_final=args.threshold_final, scale_threshold=args.scale_threshold,
                       decay_shift=args.decay_shift, vote_magnitude=args.vote_magnitude, flip_prob=args.flip_prob,
                       eval_every=args.eval_every, eval_windows=args.eval_windows,
-                      checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, device=args.device,
+                      checkpoint_every=args.checkpoint_every, log_every=args.log_every, keep_last=args.keep_last, device=args.device,
                       seed=args.seed, data=args.data, out=out, threads=args.threads)
     s = train(cfg, resume=args.resume, progress=not args.no_progress)
     status = "interrupted" if s.interrupted else "done"

@@ -45,6 +45,9 @@ BACKWARD_PATHS = ("auto", "dot", "plane", "dequant")
 SMALL_M = 16  # M at or below which the forward uses the skinny dot path (and M == 1 the GEMV)
 # Which M = 1 kernel "auto" takes; chosen from the measurements in docs/kernels.md.
 DEFAULT_GEMV = "gemv_fma"
+GEMV_FMA_CONFIG = dict(BN=8, BKB=128, warps=2)  # best of the sweep in docs/kernels.md
+VOTES_CONFIG = dict(BN=128, BJ=128, BM=64, warps=8, stages=3)
+DEQUANT_MIN_M = 128  # from this M on, "auto" takes dense workspace + cuBLAS (docs/kernels.md)
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
 
 
@@ -416,21 +419,22 @@ def _plane_votes_kernel(g_ptr, x_ptr, p_ptr, t_ptr, esum_ptr, M, N, K, KB,
     tl.atomic_add(esum_ptr + offs_n, esum, mask=offs_n < N)
 
 
-@triton.jit(do_not_specialize=["N", "K", "KB"])  # sizes vary per call; recompiling per value buys nothing
-def _dequant_kernel(p_ptr, e_ptr, w_ptr, N, K, KB, stride_pn, stride_wn, BN: tl.constexpr, BJ: tl.constexpr):
-    """Dense (N, K) weights T ⊙ s: the workspace of the dequantise-then-cuBLAS variant."""
+@triton.jit(do_not_specialize=["N", "K"])  # sizes vary per call; recompiling per value buys nothing
+def _dequant_kernel(p_ptr, e_ptr, w_ptr, N, K, stride_pn, stride_wn, BN: tl.constexpr, BC: tl.constexpr):
+    """Dense (N, K) weights T ⊙ s, tiled over output columns so that every store is contiguous
+    (each byte is read five times, from L1)."""
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
-    offs_j = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
     n_mask = offs_n[:, None] < N
-    b = tl.load(p_ptr + offs_n[:, None].to(tl.int64) * stride_pn + offs_j[None, :],
-                mask=n_mask & (offs_j[None, :] < KB), other=121).to(tl.int32)
-    s = _row_scale(tl.load(e_ptr + offs_n, mask=offs_n < N, other=0))[:, None]
-    q = _q_of_byte(b)
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    for r in tl.static_range(5):
-        w, q = _next_trit(q)
-        col = 5 * offs_j[None, :] + (4 - r)
-        tl.store(w_rows + col, (w * s).to(w_ptr.dtype.element_ty), mask=n_mask & (col < K))
+    c_ok = offs_c[None, :] < K
+    j = offs_c // 5
+    magic = _plane_divisor_magic(offs_c - 5 * j)
+    b = tl.load(p_ptr + offs_n[:, None].to(tl.int64) * stride_pn + j[None, :], mask=n_mask & c_ok,
+                other=121).to(tl.int32)
+    s = _row_scale(tl.load(e_ptr + offs_n, mask=offs_n < N, other=0))
+    w = _plane_trit(b, magic[None, :]) * s[:, None]
+    tl.store(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_c[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=n_mask & c_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,9 +498,10 @@ def dequantize_triton(packed: torch.Tensor, E: torch.Tensor, in_features: int, d
     N, KB = packed.shape
     w = torch.empty(N, in_features, dtype=dtype, device=packed.device)
     if N and KB:
-        BN, BJ = 32, 64
-        _dequant_kernel[(triton.cdiv(N, BN), triton.cdiv(KB, BJ))](packed, E, w, N, in_features, KB, packed.stride(0),
-                                                                   w.stride(0), BN=BN, BJ=BJ, num_warps=4)
+        BN, BC = 16, 256
+        _dequant_kernel[(triton.cdiv(N, BN), triton.cdiv(in_features, BC))](packed, E, w, N, in_features,
+                                                                           packed.stride(0), w.stride(0), BN=BN,
+                                                                           BC=BC, num_warps=4)
     return w
 
 
@@ -508,7 +513,7 @@ def forward_triton(x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, in_
         x2d: (M, K) float32 / bfloat16 / float16 (float64 runs the torch reference)
         packed: (N, ceil(K/5)) uint8;  E: (N,) int8
         returns: (M, N) in x2d.dtype
-    ``path``: "auto" (M == 1: ``DEFAULT_GEMV``, M <= 16: "dot", else "gemm"), or one variant:
+    ``path``: "auto" (M == 1: ``DEFAULT_GEMV``, M < ``DEQUANT_MIN_M``: "dot", else "dequant"), or one variant:
     "gemv_fma" / "gemv_lut" (M == 1 only), "dot" (five plane dots per byte tile, x read in place),
     "gemm" (plane-major copy of x, one dot per step), "dequant" (dense workspace + torch matmul).
     ``out``: optional (M, N) contiguous result buffer (the tests poison it to catch unwritten outputs).
@@ -526,13 +531,13 @@ def forward_triton(x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, in_
         return y.copy_(linear_forward_reference(x2d, packed, E, in_features))
     x2d, packed = _row_major(x2d), _row_major(packed)
     if path == "auto":
-        path = DEFAULT_GEMV if M == 1 else ("dot" if M <= SMALL_M else "gemm")
+        path = DEFAULT_GEMV if M == 1 else ("dot" if M < DEQUANT_MIN_M else "dequant")
     if path in ("gemv_lut", "gemv_fma") and M != 1:
         raise ValueError(f"path={path!r} handles M == 1 only, got M={M}")
     if M == 0 or N == 0:
         return y
     if path == "gemv_fma":
-        cfg = dict(BN=32 if N >= 8192 else 16, BKB=64, warps=4) | (config or {})
+        cfg = dict(GEMV_FMA_CONFIG) | (config or {})
         _gemv_fma_kernel[(triton.cdiv(N, cfg["BN"]),)](x2d, packed, E, y, N, K, KB, packed.stride(0),
                                                        BN=cfg["BN"], BKB=cfg["BKB"], num_warps=cfg["warps"])
         return y
@@ -573,7 +578,8 @@ def forward_triton(x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, in_
 
 def backward_triton(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor,
                     T_accum: torch.Tensor, E_accum: torch.Tensor, in_features: int, vote_magnitude: int,
-                    needs_input_grad: bool, *, out: torch.Tensor | None = None, path: str = "auto") -> torch.Tensor | None:
+                    needs_input_grad: bool, *, out: torch.Tensor | None = None, path: str = "auto",
+                    config: dict | None = None) -> torch.Tensor | None:
     """Launcher of the backward kernels: grad_input and the fused votes.
 
     Shapes:
@@ -581,9 +587,10 @@ def backward_triton(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tenso
         T_accum: (N, K) int8 (updated in place), E_accum: (N,) int8 (updated in place)
         returns: grad_input (M, K) in x2d.dtype, or None when ``needs_input_grad`` is False
     ``out``: optional (M, K) contiguous buffer for grad_input.
-    ``path``: "auto" (M <= 16: "dot", else "plane"), "dot" (five plane accumulators, x read in
+    ``path``: "auto" (M <= 16: "dot", M < ``DEQUANT_MIN_M``: "plane", else "dequant"), "dot" (five plane accumulators, x read in
     place), "plane" (plane-major copy of x, one dot per step) or "dequant" (grad_input through a
     dense workspace and torch matmul; votes as "plane"). Votes never leave registers as floats.
+    ``config``: optional block sizes of the plane votes kernel (BN, BJ, BM, warps, stages).
     """
     _check_linear_args(x2d, packed, E, in_features)
     M, K = x2d.shape
@@ -613,7 +620,7 @@ def backward_triton(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tenso
             grad_input.zero_()
         return grad_input
     if path == "auto":
-        path = "dot" if M <= SMALL_M else "plane"
+        path = "dot" if M <= SMALL_M else ("plane" if M < DEQUANT_MIN_M else "dequant")
     esum = torch.zeros(N, dtype=torch.float32, device=x2d.device)
     if path == "dot":
         if needs_input_grad:
@@ -636,11 +643,12 @@ def backward_triton(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tenso
             _plane_grad_input_kernel[grid](grad2d, packed, E, grad_input, M, N, K, KB, grad2d.stride(0),
                                            packed.stride(0), grad_input.stride(0), BM=BM, BN=BN, BJ=BJ, GROUP_M=8,
                                            PREC=prec, UPCAST=upcast, num_warps=8, num_stages=3)
-        BN, BJ, BM = 128, 128, 64
-        xp = plane_major(x2d, BJ)
-        grid = (triton.cdiv(N, BN) * 5 * triton.cdiv(KB, BJ),)
+        cfg = dict(VOTES_CONFIG) | (config or {})
+        xp = plane_major(x2d, cfg["BJ"])
+        grid = (triton.cdiv(N, cfg["BN"]) * 5 * triton.cdiv(KB, cfg["BJ"]),)
         _plane_votes_kernel[grid](grad2d, xp, packed, T_accum, esum, M, N, K, KB, grad2d.stride(0), xp.stride(0),
-                                  xp.stride(1), packed.stride(0), T_accum.stride(0), vote_magnitude, BM=BM, BN=BN,
-                                  BJ=BJ, GROUP_N=8, PREC=prec, UPCAST=upcast, num_warps=8, num_stages=3)
+                                  xp.stride(1), packed.stride(0), T_accum.stride(0), vote_magnitude, BM=cfg["BM"],
+                                  BN=cfg["BN"], BJ=cfg["BJ"], GROUP_N=8, PREC=prec, UPCAST=upcast,
+                                  num_warps=cfg["warps"], num_stages=cfg["stages"])
     saturating_add_(E_accum, sign_votes(esum, vote_magnitude))
     return grad_input

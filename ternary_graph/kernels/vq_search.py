@@ -13,6 +13,10 @@ The function computed (by every path here):
 * ids are the smallest code id among the codes of minimal score (ties go to the smallest id);
   ``dist`` is ``max(||z_r||² + min score, 0)`` in fp32, ``z_r`` the rounded query.
 
+Exact ties (identical codes, or dyadic queries) resolve identically on every path. Two
+*different* scores within fp32 summation rounding of each other may resolve differently
+between paths (measured: 0 id mismatches in 256 random queries over 10M codes on an H100).
+
 Layers, as in every kernel file:
 
 * ``nearest_codes_reference``: chunked plain torch, the CPU path and the test oracle. It holds at
@@ -184,13 +188,26 @@ if triton is not None:
         best_t = tl.full([BLOCK_Q], -1, tl.int32)
         t_start = pid_s * tiles_per_split
         t_stop = tl.minimum(t_start + tiles_per_split, n_tiles)
+        # (NB, BLOCK_C) bytes: byte b of code c; padding bytes and codes past N (or past this
+        # split) load as ZERO_TRITS_BYTE and decode to zero trits. The next tile's bytes and
+        # scales are loaded one iteration ahead, so their latency hides behind this tile's work
+        # (a program with BLOCK_Q = 256 fills an SM on its own: no other warps hide it).
+        code_stop = tl.minimum(t_stop * BLOCK_C, N)  # end of this split's code range
+        codes_next = t_start * BLOCK_C + cc
+        cmask_next = codes_next < code_stop
+        p_next = tl.load(packed_ptr + codes_next[None, :].to(tl.int64) * NBYTES + kb[:, None],
+                         mask=bmask & cmask_next[None, :], other=121)
+        e_next = tl.load(E_ptr + codes_next, mask=cmask_next, other=0)
         for t in range(t_start, t_stop):
-            codes = t * BLOCK_C + cc
+            codes = codes_next
             cmask = codes < N
-            # (NB, BLOCK_C) bytes: byte b of code c; padding bytes and codes past N load as
-            # ZERO_TRITS_BYTE and decode to zero trits
-            p = tl.load(packed_ptr + codes[None, :].to(tl.int64) * NBYTES + kb[:, None],
-                        mask=bmask & cmask[None, :], other=121)
+            p = p_next
+            e = e_next.to(tl.float32)
+            codes_next = codes + BLOCK_C
+            cmask_next = codes_next < code_stop
+            p_next = tl.load(packed_ptr + codes_next[None, :].to(tl.int64) * NBYTES + kb[:, None],
+                             mask=bmask & cmask_next[None, :], other=121)
+            e_next = tl.load(E_ptr + codes_next, mask=cmask_next, other=0)
             if MAGIC_DECODE:
                 r = p.to(tl.float32)
             else:
@@ -212,7 +229,6 @@ if triton is not None:
             acc = _dot_digit(acc, h4, l4, t4, TWO_PASS, DOT_DTYPE)
             nz += t4 * t4
             nnz = tl.sum(nz, axis=0)
-            e = tl.load(E_ptr + codes, mask=cmask, other=0).to(tl.float32)
             s = tl.exp2(e / E_STEP_C)
             b = tl.where(cmask, s * s * nnz, float("inf"))
             score = acc * (-2.0 * s)[None, :] + b[None, :]
@@ -298,14 +314,34 @@ def _sm_count(device: torch.device) -> int:
     return 4  # interpreter runs on CPU tensors: any small grid will do
 
 
+def _choose_splits(n_qblocks: int, n_tiles: int, sms: int, waves: int, min_tiles: int = 8) -> int:
+    """Code-range pieces per query block: at least ``waves`` waves of programs over the SMs,
+    and among up to twice that many, the count whose last wave is fullest (at most one
+    program per SM fits with large query blocks, so a nearly empty last wave costs a whole
+    wave)."""
+    low = max(1, triton.cdiv(waves * sms, n_qblocks))
+    high = max(low, min(2 * low, n_tiles // min_tiles))
+    low = min(low, high)
+
+    def waste(s: int) -> float:
+        programs = n_qblocks * s
+        return triton.cdiv(programs, sms) * sms / programs
+
+    return min(range(low, high + 1), key=lambda s: (waste(s), s))
+
+
 def nearest_codes_triton(z2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, dim: int, *,
-                         precision: str = "bf16x2", block_q: int = 128, block_c: int = 64,
-                         num_warps: int = 8, num_stages: int = 2, splits: int | None = None,
+                         precision: str = "bf16x2", block_q: int = 512, block_c: int = 64,
+                         num_warps: int = 16, num_stages: int = 2, splits: int | None = None,
                          waves: int = 4, magic_decode: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the two-phase Triton search (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
 
-    ``splits`` (code-range pieces per query block) defaults to enough programs for ``waves``
-    waves over the device's SMs, with at least 8 tiles per piece.
+    ``splits`` (code-range pieces per query block) defaults to at least ``waves`` waves of
+    programs over the device's SMs, with a full last wave where possible (``_choose_splits``).
+    The default tile (512 queries × 64 codes, 16 warps, fixed-point "magic" decode) was the
+    fastest of those swept by ``experiments/bench_vq.py`` on an H100 (2026-11-27): decoding a
+    code tile is shared by all the queries of the block, so larger query blocks decode less per
+    query.
 
     Shapes: as :func:`nearest_codes_reference`.
     """
@@ -324,7 +360,7 @@ def nearest_codes_triton(z2d: torch.Tensor, packed: torch.Tensor, E: torch.Tenso
     n_tiles = triton.cdiv(n_codes, block_c)
     n_qblocks = triton.cdiv(n_q, block_q)
     if splits is None:
-        splits = max(1, min(n_tiles // 8, triton.cdiv(waves * _sm_count(device), n_qblocks)))
+        splits = _choose_splits(n_qblocks, n_tiles, _sm_count(device), waves)
     splits = max(1, min(int(splits), n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)  # no empty pieces

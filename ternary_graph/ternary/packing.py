@@ -106,7 +106,8 @@ def unpack_trits(packed: torch.Tensor, cols: int) -> torch.Tensor:
     check_packed(packed, cols)
     table = _decode_table(packed.device)
     trits = table[packed.long()]  # (..., n_bytes, 5)
-    return trits.reshape(*packed.shape[:-1], -1)[..., :cols]
+    # explicit width: a -1 is ambiguous when a leading dim is 0
+    return trits.reshape(*packed.shape[:-1], packed.shape[-1] * TRITS_PER_BYTE)[..., :cols]
 
 
 def random_packed(

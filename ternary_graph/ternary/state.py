@@ -33,7 +33,9 @@ def scale_to_exponent(scale: float) -> int:
 
 def exponent_to_scale(E: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-row scale ``2 ** (E / E_STEP)`` as a float tensor of ``dtype``."""
-    return torch.exp2(E.to(torch.float32) / E_STEP).to(dtype)
+    # float64 callers (the reference oracle) get the scale computed in float64, not rounded via fp32
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.exp2(E.to(wide) / E_STEP).to(dtype)
 
 
 def default_row_scale(fan_in: int, nonzero_fraction: float = 2.0 / 3.0) -> float:
