@@ -206,13 +206,10 @@ class TernaryVQCodebook(nn.Module):
     def _track(self, ids: torch.Tensor, z2d: torch.Tensor, dist: torch.Tensor) -> None:
         self.step.add_(1)
         step = int(self.step)
-        if ids.numel():
-            unique, counts = torch.unique(ids, return_counts=True)
-            self.usage.index_copy_(0, unique, saturating_add(self.usage.index_select(0, unique), counts))
-            self.used_in_window.index_fill_(0, unique, True)
-            self._last_counts = counts
-        else:
-            self._last_counts = counts = ids.new_zeros(0)
+        unique, counts = torch.unique(ids, return_counts=True)  # O(batch): only assigned codes
+        self.usage.index_copy_(0, unique, saturating_add(self.usage.index_select(0, unique), counts))
+        self.used_in_window.index_fill_(0, unique, True)
+        self._last_counts = counts
         if self.usage_decay_interval and step % self.usage_decay_interval == 0:
             self.usage.bitwise_right_shift_(1)  # usage is never negative: a shift halves it
         if self.reseed_window and step % self.reseed_window == 0:
