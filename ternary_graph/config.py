@@ -31,7 +31,7 @@ class ModelConfig:
     kg_codebook_size: int = 4_096  # codes in the KG entity codebook
     kg_codebook_dim: int = KGVQ_CODEBOOK_DIM  # dimension of the KG codes
     num_relations: int = 8  # KG relation types scored by the composite head
-    commitment_weight: float = 0.25  # weight of the VQ commitment loss
+    commitment_weight: float = 0.25  # weight of the VQ commitment loss (per element of the code vector)
     rope_base: float = 10_000.0  # rotary frequency base
 
     def __post_init__(self) -> None:

@@ -109,7 +109,7 @@ def test_forward_fp32_every_path(backend, shape, lead, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lead", [(), (2, 3), (40,)])
+@pytest.mark.parametrize("lead", [(2, 3), (40,)])
 def test_forward_16bit_every_path(backend, shape, dtype, lead, gen):
     _forward_case(backend, shape, lead, dtype, gen)
 
@@ -166,8 +166,8 @@ def _expected_votes(T0, Ea0, grad, x, packed, E, k, magnitude):
 @pytest.mark.parametrize("lead", LEADS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_grad_input_and_votes(backend, shape, lead, dtype, gen):
-    if dtype != torch.float32 and lead in ((), (2,)):
-        pytest.skip("16-bit dtypes are covered on leading shapes (2, 3) and (40,)")
+    if dtype != torch.float32 and lead != (2, 3):
+        pytest.skip("16-bit dtypes run every path on leading shape (2, 3); fp32 covers the others")
     kernels = _kernels()
     device = _device(backend)
     n, k = shape

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -63,17 +64,17 @@ def svg_texts(path: Path) -> list[str]:
     return re.findall(r"<!-- (.*?) -->", path.read_text(encoding="utf-8"))
 
 
-def trained_tiny_model(steps: int = 3):
+def trained_tiny_model(steps: int = 3, device: str = "cpu"):
     """A fresh tiny model after a few real optimizer steps on the bytes of the stdlib json package."""
     cfg = get_preset("tiny").replace(n_layers=2, codebook_size=256, kg_codebook_size=256)
-    model = build_model(cfg, seed=0)
+    model = build_model(cfg, seed=0, device=device)
     data = b"".join(p.read_bytes() for p in sorted(JSON_DIR.glob("*.py")))
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).long().to(device)
     opt = TernaryOptimizer(model)
     model.train()
     for step in range(steps):
-        starts = torch.arange(4) * 9973 + step * 131
-        windows = buf[starts[:, None] + torch.arange(33)]
+        starts = torch.arange(4, device=device) * 9973 + step * 131
+        windows = buf[starts[:, None] + torch.arange(33, device=device)]
         out = model(windows[:, :-1], windows[:, 1:])
         out.loss.backward()
         opt.step()
@@ -89,7 +90,9 @@ def run_dir(tmp_path_factory) -> Path:
     data = root / "data"
     data.mkdir()
     for p in sorted(JSON_DIR.glob("*.py")):
-        (data / p.name).write_bytes(p.read_bytes())
+        # copy2 keeps the mtime, so the corpus fingerprint (names, sizes, mtimes) and with it
+        # the prepared-corpus cache in ~/.cache/ternary_graph is reused across test runs.
+        shutil.copy2(p, data / p.name)
     out = root / "run"
     train(TrainConfig(steps=4, eval_every=2, checkpoint_every=2, log_every=1, batch_size=2, seq_len=32,
                       eval_windows=4, data=str(data), out=str(out),
@@ -252,6 +255,17 @@ def test_export_round_trip(tmp_path, suffix):
         assert int(got["weight"]) == abs(data["score"])
     with pytest.raises(ValueError, match="must end with one of"):
         export_routing_graph(model, tmp_path / "routing.json")
+
+
+@pytest.mark.cuda
+def test_plots_and_export_of_a_cuda_model(tmp_path):
+    model = trained_tiny_model(device="cuda")
+    assert model.shared_vq.usage.is_cuda
+    png = plot_routing_graph(model, tmp_path / "cuda.png", codes=list(range(0, 256, 3)), top=30)
+    assert png_shape(png)[:2] == expected_shape((10, 7), 120)
+    assert png_shape(plot_routing_stats(model, tmp_path / "cuda_stats.png"))[:2] == expected_shape((12, 8), 120)
+    back = nx.read_graphml(export_routing_graph(model, tmp_path / "cuda.graphml", top=10))
+    assert sum(d["kind"] == "code" for _, d in back.nodes(data=True)) == 10
 
 
 # ------------------------------------------------------------------------------------------------

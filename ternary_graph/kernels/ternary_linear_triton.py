@@ -6,10 +6,10 @@ live in ``ternary_linear.py``; ``docs/kernels.md`` has the measurements behind e
 
 Layout. ``packed`` is (N, KB) uint8, KB = ceil(K / 5); byte ``b`` of row ``n`` at byte column
 ``j`` holds the trits of columns ``5j .. 5j+4`` as ``b = Σ (t_i + 1)·3^i``. A tile of bytes is
-therefore five *digit planes*: plane ``i`` holds columns ``5j + i``. Every matrix kernel
-multiplies plane by plane (five ``tl.dot`` per byte tile) and lets the activation tile of plane
-``i`` be the strided columns ``5j + i``; for large M the launcher first copies x into a
-plane-major (M, 5, KBp) buffer so that those loads are contiguous and 16-byte aligned.
+therefore five *digit planes*: plane ``i`` holds columns ``5j + i``. The matrix kernels multiply
+plane by plane: the small-M kernels issue five ``tl.dot`` per byte tile and read the activation
+tile of plane ``i`` as the strided columns ``5j + i``; the large-M "plane" kernels first get a
+plane-major (M, 5, KBp) copy of x (``plane_major``) so that those loads are contiguous.
 
 Decoding (per byte, no division and no int→float conversion instruction):
   * ``q = (b·17261 + 16383) >> 14`` equals ``ceil(b·256/243)``, an 8-bit fixed-point fraction
@@ -18,7 +18,12 @@ Decoding (per byte, no division and no int→float conversion instruction):
   * ``float(digit) - 1`` is built as ``bitcast(0x4B000000 | digit) - 8388609.0`` (2^23 + digit).
 
 Kernels:
-  * ``_forward_dot_kernel``: GEMM / small-M path, a (BM, BN) output tile, five dots per byte tile.
+  * ``_forward_dot_kernel``: small-M path, a (BM, BN) output tile, five dots per byte tile.
+  * ``_plane_gemm_kernel`` / ``_plane_grad_input_kernel`` / ``_plane_votes_kernel``: large-M
+    variants over the plane-major copy of x, one ``tl.dot`` per step (the decoded trits as the
+    register operand).
+  * ``_dequant_kernel``: dense ``T ⊙ s`` workspace for the "dequant" paths (forward and
+    grad_input through torch matmul for large M; measured faster than the fused GEMMs).
   * ``_gemv_fma_kernel``: M = 1, decode + fp32 FMA, row sums.
   * ``_gemv_lut_kernel``: M = 1, per group of five activations the 243 partial sums (built in
     registers by the program), one ``tl.gather`` + add per packed byte; split-K over programs.
@@ -42,12 +47,16 @@ from .ternary_linear import linear_backward_reference, linear_forward_reference,
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FORWARD_PATHS = ("auto", "gemv_lut", "gemv_fma", "dot", "gemm", "dequant")
 BACKWARD_PATHS = ("auto", "dot", "plane", "dequant")
-SMALL_M = 16  # M at or below which the forward uses the skinny dot path (and M == 1 the GEMV)
+SMALL_M = 16  # M at or below which the backward uses the skinny five-accumulator kernels
 # Which M = 1 kernel "auto" takes; chosen from the measurements in docs/kernels.md.
 DEFAULT_GEMV = "gemv_fma"
 GEMV_FMA_CONFIG = dict(BN=8, BKB=128, warps=2)  # best of the sweep in docs/kernels.md
-VOTES_CONFIG = dict(BN=128, BJ=128, BM=64, warps=8, stages=3)
-DEQUANT_MIN_M = 128  # from this M on, "auto" takes dense workspace + cuBLAS (docs/kernels.md)
+VOTES_CONFIG = dict(BN=64, BJ=128, BM=64, warps=4, stages=4)  # best of the sweep in docs/kernels.md
+# From this M on, "auto" forward takes the dense workspace + torch matmul (0.79-0.87x bf16 at
+# M = 4096, against 0.19-0.24x for the fused plane GEMM); below it the fused "dot" kernel, whose
+# cost grows with M/16 weight decodes. The crossover is estimated from the M = 1 and M = 4096
+# timings, not measured at intermediate M (docs/kernels.md).
+DEQUANT_MIN_M = 64
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
 
 
@@ -521,9 +530,9 @@ def forward_triton(x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, in_
     used by the benchmark's sweeps.
     """
     _check_linear_args(x2d, packed, E, in_features)
-    check_kernel_tensors(x2d=x2d, packed=packed, E=E)
     if path not in FORWARD_PATHS:
         raise ValueError(f"path must be one of {FORWARD_PATHS}, got {path!r}")
+    check_kernel_tensors(x2d=x2d, packed=packed, E=E)
     M, K = x2d.shape
     N, KB = packed.shape
     y = _check_out(out, (M, N), x2d, "out")
@@ -587,7 +596,7 @@ def backward_triton(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tenso
         T_accum: (N, K) int8 (updated in place), E_accum: (N,) int8 (updated in place)
         returns: grad_input (M, K) in x2d.dtype, or None when ``needs_input_grad`` is False
     ``out``: optional (M, K) contiguous buffer for grad_input.
-    ``path``: "auto" (M <= 16: "dot", M < ``DEQUANT_MIN_M``: "plane", else "dequant"), "dot" (five plane accumulators, x read in
+    ``path``: "auto" (M <= 16: "dot", else "dequant"), "dot" (five plane accumulators, x read in
     place), "plane" (plane-major copy of x, one dot per step) or "dequant" (grad_input through a
     dense workspace and torch matmul; votes as "plane"). Votes never leave registers as floats.
     ``config``: optional block sizes of the plane votes kernel (BN, BJ, BM, warps, stages).
@@ -619,8 +628,8 @@ def backward_triton(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tenso
         if grad_input is not None:
             grad_input.zero_()
         return grad_input
-    if path == "auto":
-        path = "dot" if M <= SMALL_M else ("plane" if M < DEQUANT_MIN_M else "dequant")
+    if path == "auto":  # the plane grad_input kernel is slower than workspace + matmul at every M measured
+        path = "dot" if M <= SMALL_M else "dequant"
     esum = torch.zeros(N, dtype=torch.float32, device=x2d.device)
     if path == "dot":
         if needs_input_grad:

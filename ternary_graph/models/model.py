@@ -100,8 +100,11 @@ class TernaryGraphLM(nn.Module):
         device = torch.device(device) if device is not None else torch.device("cpu")
         generator = None if device.type == "meta" else torch.Generator().manual_seed(seed)
         self.embed = make_embedding(cfg.vocab_size, cfg.dim, weights, device=device, generator=generator)
+        # The codebook's commitment loss sums over the code dimension; per element it stays on
+        # the scale of the LM loss whatever codebook_dim is.
         self.shared_vq = TernaryVQCodebook(cfg.codebook_size, cfg.codebook_dim,
-                                           commitment_weight=cfg.commitment_weight, device=device, generator=generator)
+                                           commitment_weight=cfg.commitment_weight / cfg.codebook_dim,
+                                           device=device, generator=generator)
         self.blocks = nn.ModuleList(Block(cfg, layer, weights, device, generator) for layer in range(cfg.n_layers))
         self.kg_vq = KGVQCodebook(cfg.kg_codebook_size, cfg.kg_codebook_dim, device=device, generator=generator)
         self.head = CompositeHead(cfg, weights, device, generator)

@@ -61,12 +61,14 @@ class TrainConfig:
     val_fraction: float = 0.05  # share of files held out for validation
     out: str = "runs/tiny"  # run folder
     threads: int = 0  # torch CPU threads (0: torch's default)
+    micro_batches: int = 1  # split each batch into this many backward passes (votes cast per micro batch)
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields to change
 
     def __post_init__(self) -> None:
         if self.weights not in ("ternary", "float"):
             raise ValueError(f"weights must be 'ternary' or 'float', got {self.weights!r}")
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "keep_last", "log_every"):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "keep_last", "log_every",
+                     "micro_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -195,7 +197,31 @@ def _memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> RunSummary:
+def train_step(model, opt: TernaryOptimizer, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 1,
+               vote_sync=None):
+    """One optimizer step over the batch (x, y), split into ``micro_batches`` equal parts.
+
+    Each micro batch's backward casts its own votes (and accumulates float gradients, scaled so
+    that they average). ``vote_sync`` (data parallel, see ``train/distributed.py``) is told
+    when the step's votes start and when they are complete, so that it can all-reduce them
+    before the update. Returns the last micro batch's output and the optimizer's StepStats.
+    """
+    if x.shape[0] % micro_batches:
+        raise ValueError(f"batch of {x.shape[0]} sequences does not split into micro_batches={micro_batches}")
+    if vote_sync is not None:
+        vote_sync.begin_step(model)
+    for xm, ym in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+        out = model(xm, ym)
+        (out.loss / micro_batches).backward()
+    if vote_sync is not None:
+        vote_sync.all_reduce(model, opt)
+    stats = opt.step()
+    opt.zero_grad()
+    model.update_graph()
+    return out, stats
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote_sync=None) -> RunSummary:
     """Run (or resume) a training run; returns its summary. Ctrl-C checkpoints, then stops."""
     from ..models.model import build_model
     from ..viz.plots import plot_loss_curves, plot_routing_graph
@@ -253,18 +279,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
                 for group in opt.float_optimizer.param_groups:
                     group["lr"] = cosine_lr(step, cfg.steps, cfg.lr)
             x, y = train_ds.sample_batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
-            out = model(x.to(cfg.device), y.to(cfg.device))
-            out.loss.backward()
-            stats = opt.step()
-            opt.zero_grad()
-            model.update_graph()
-            loss_value = float(out.lm_loss)
+            out, stats = train_step(model, opt, x.to(cfg.device), y.to(cfg.device), cfg.micro_batches, vote_sync)
+            loss_value = float(out.lm_loss.detach())
             step += 1
             tok_s = tokens_per_step / (time.perf_counter() - t0)
             record = None
             if step % cfg.log_every == 0 or step == cfg.steps:
                 record = {"step": step, "train_loss": loss_value, "train_bits_per_byte": loss_value * NATS_TO_BITS,
-                          "aux_loss": float(out.aux_loss), "tokens_per_s": tok_s, "memory_bytes": _memory_bytes(cfg.device),
+                          "aux_loss": float(out.aux_loss.detach()), "tokens_per_s": tok_s, "memory_bytes": _memory_bytes(cfg.device),
                           "threshold": stats.threshold, "flip_rate": stats.flip_rate,
                           "routing": model.routing_stats()}
             if step % cfg.eval_every == 0 or step == cfg.steps:

@@ -40,6 +40,7 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch
+from matplotlib.ticker import MaxNLocator
 
 from ..graph.kg import KnowledgeGraph
 from ..graph.moegraph import MoEGraph
@@ -193,7 +194,8 @@ def _choose_codes(moe: MoEGraph, codes: object, top: int, usage: torch.Tensor | 
     if asked > top:
         weight = usage.cpu().long()[c] if usage is not None else torch.zeros_like(c)
         c = c[torch.argsort(-weight, stable=True)[:top]].sort().values
-    return c, asked
+    # to_networkx matches them against the edge buffers: same device (a model may be on CUDA).
+    return c.to(moe.load_bias.device), asked
 
 
 def _routing_subgraph(model_or_moe: object, layer: int, codes: object, top: int | None) -> tuple[nx.DiGraph, dict]:
@@ -211,12 +213,14 @@ def _routing_subgraph(model_or_moe: object, layer: int, codes: object, top: int 
     g = moe.to_networkx(codes=chosen, top=top, usage=usage)
     load, load_source = _expert_load(moe, dst)
     in_degree = torch.bincount(dst.long().cpu(), minlength=moe.num_experts).tolist()
-    usage_list = usage.cpu() if usage is not None else None
+    code_nodes = [d for _, d in g.nodes(data=True) if d["kind"] == "code"]
+    if usage is not None and code_nodes:
+        ids = torch.tensor([d["code_id"] for d in code_nodes], dtype=torch.long)
+        for d, u in zip(code_nodes, usage.cpu()[ids].tolist()):
+            d["usage"] = int(u)
     for node, data in g.nodes(data=True):
         if data["kind"] == "code":
             data["label"] = f"c{data['code_id']}"
-            if usage_list is not None:
-                data["usage"] = int(usage_list[data["code_id"]])
         else:
             e = data["expert_id"]
             data["label"] = f"E{e}"
@@ -591,6 +595,7 @@ def _panel_active_edges(ax, records: list[dict] | None) -> None:
         ax.plot(s, v, color=palette(i % 10), lw=1.8, label=f"{key} active edges")
     ax.set_xlabel("step")
     ax.set_ylabel("active edges")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if via:
@@ -611,14 +616,14 @@ def _panel_usage(ax, usage: torch.Tensor | None) -> None:
         ax.set_title("Code usage", fontsize=10)
         _note(ax, "no VQ codebook (a lone MoEGraph was given)")
         return
-    u = usage.cpu().numpy().astype(np.int64)
+    u = usage.cpu().numpy()
     n_live = int((u > 0).sum())
     ax.set_title(f"Shared VQ code usage (int16): live fraction {n_live / max(u.size, 1):.2%} "
                  f"({n_live:,} of {u.size:,} codes)", fontsize=10)
     if n_live == 0:
         _note(ax, "no code used yet")
         return
-    live = u[u > 0]
+    live = u[u > 0].astype(np.int64)
     top = int(live.max())
     # Log-spaced integer bins: usage spans 1 .. 32767 and most codes sit at the low end.
     edges = np.unique(np.round(np.logspace(0, math.log10(top + 1), num=min(40, top + 1))).astype(np.int64))
@@ -629,6 +634,8 @@ def _panel_usage(ax, usage: torch.Tensor | None) -> None:
     ax.set_xscale("log")
     if counts.max() > 50:
         ax.set_yscale("log")
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("usage counter of a live code (int16, saturates at 32767)")
     ax.set_ylabel("codes" + (" (log)" if counts.max() > 50 else ""))
 
