@@ -54,7 +54,7 @@ def ternary_step_numbers(batch: int, seq: int, steps: int) -> dict:
     return {"logical_params": logical, "persistent_state_bytes": persistent,
             "persistent_bytes_per_param": persistent / logical, "allocated_after_build": after_build,
             "peak_bytes": torch.cuda.max_memory_allocated(), "step_s_median": statistics.median(times),
-            "step_s_all": times, "build_s": build_s, "loss": float(out.lm_loss), "tokens": batch * seq}
+            "step_s_all": times, "build_s": build_s, "loss": float(out.lm_loss.detach()), "tokens": batch * seq}
 
 
 def float_adamw_per_param(width: int = 8192, layers: int = 15) -> dict:

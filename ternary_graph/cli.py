@@ -8,6 +8,7 @@ import logging
 import sys
 
 from .config import PRESETS
+from .viz.cli import add_viz_parser
 
 
 def _none_or_int(text: str) -> int | None:
@@ -43,6 +44,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: default)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--micro-batches", type=int, default=d.micro_batches,
+                   help="backward passes per step over all ranks, each casting its own votes (default %(default)s)")
+    p.add_argument("--distributed", action="store_true",
+                   help="data parallel over the ranks torchrun starts (see docs/distributed.md)")
+    p.add_argument("--backend", default="auto", choices=("auto", "nccl", "gloo"),
+                   help="--distributed: nccl for CUDA devices, gloo for CPU (auto: by --device)")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="--distributed: seconds a rank waits for its peers before it stops with an error")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -55,7 +64,20 @@ def _train(args: argparse.Namespace) -> int:
                       eval_every=args.eval_every, eval_windows=args.eval_windows,
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, keep_last=args.keep_last, device=args.device,
                       seed=args.seed, data=args.data, out=out, threads=args.threads)
-    s = train(cfg, resume=args.resume, progress=not args.no_progress)
+    cfg = dataclasses.replace(cfg, micro_batches=args.micro_batches)
+    if args.distributed:
+        from .train.distributed import DistributedError, init_distributed, shutdown
+        try:
+            vote_sync, cfg.device = init_distributed(args.backend, device=cfg.device, timeout_s=args.dist_timeout)
+            s = train(cfg, resume=args.resume, progress=not args.no_progress, vote_sync=vote_sync)
+        except DistributedError as exc:  # no shutdown: a dead peer can make it hang
+            print(f"ternary-graph train: error: {exc}", file=sys.stderr)
+            return 3
+        shutdown()
+        if vote_sync.rank != 0:
+            return 130 if s.interrupted else 0
+    else:
+        s = train(cfg, resume=args.resume, progress=not args.no_progress)
     status = "interrupted" if s.interrupted else "done"
     print(f"\n{status}: {s.steps} steps of {cfg.preset}/{cfg.weights} in {s.seconds:.0f} s "
           f"({s.tokens_per_second:,.0f} tokens/s)")
@@ -101,12 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="default_3b", choices=sorted(PRESETS))
     p.add_argument("--weights", default="ternary", choices=("ternary", "float"))
     p.set_defaults(func=_trace)
-    try:
-        from .viz.cli import add_viz_parser
-    except ImportError:
-        add_viz_parser = None
-    if add_viz_parser is not None:
-        add_viz_parser(sub)
+    add_viz_parser(sub)
     return parser
 
 

@@ -191,7 +191,7 @@ def test_routing_graph_edge_colours_and_widths(tmp_path):
                            text)
         assert len(edges) == count, (sign, edges)
     widths = [float(w) for w in re.findall(r"stroke-opacity: [0-9.]+; stroke-width: ([0-9.]+)", text)]
-    # width = 0.5 + 3·|score| / max|score| (points; SVG units are points at 72 dpi).
+    # width = 0.5 + 3·|score| / max|score| up to 150 edges (SVG units are points at 72 dpi).
     assert max(widths) == pytest.approx(3.5) and min(widths) == pytest.approx(0.5)
     texts = svg_texts(svg)
     assert "nothing dropped (codes by total |edge score|)" in texts
@@ -203,7 +203,7 @@ def test_routing_graph_given_codes_are_capped(tmp_path):
     svg = plot_routing_graph(moe, tmp_path / "codes.svg", codes=[3, 10, 20, 99], top=2)
     texts = svg_texts(svg)
     assert any(t.startswith("MoEGraph layer 0 (large mode): 2 codes") for t in texts)
-    assert "dropped 2 of 4 codes and 8 of 12 edges (top 2 codes by given codes)" in texts
+    assert "4 codes given, 2 dropped (top=2, most used kept); 8 of 12 edges not shown" in texts
     svg = plot_routing_graph(moe, tmp_path / "codes2.svg", codes=[99, 3])
     texts = svg_texts(svg)
     # Code 99 has no edge: it is drawn alone; code 3's two edges are the ones shown.

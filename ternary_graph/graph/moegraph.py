@@ -459,6 +459,32 @@ class MoEGraph(nn.Module):
         self._votes.take(self.load_bias.device)
         self._pending_load = None
 
+    def take_pending(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The votes and load counts cast since the last :meth:`update_graph`, emptied (data-parallel
+        training exchanges them between ranks and hands the sum back with :meth:`add_pending`).
+
+        Shapes: code, expert (n,) int64 and votes (n,) int32, one entry per distinct pair, sorted
+        by (code, expert); load (num_experts,) int64, or None if no training forward ran.
+        """
+        code, expert, votes = self._votes.take(self.load_bias.device)
+        load, self._pending_load = self._pending_load, None
+        return code, expert, votes, load
+
+    def add_pending(self, code: torch.Tensor, expert: torch.Tensor, votes: torch.Tensor,
+                    load: torch.Tensor | None) -> None:
+        """Add votes per (code, expert) pair and load counts to the pending ones, as if cast here.
+
+        Shapes: code, expert (n,) int; votes (n,) int (pairs may repeat: they are summed);
+        load (num_experts,) int or None.
+        """
+        if code.numel():
+            self._votes.add(code.long(), expert.long(), votes.to(torch.int32))
+        if load is not None:
+            if tuple(load.shape) != (self.num_experts,):
+                raise ValueError(f"load must have shape ({self.num_experts},), got {tuple(load.shape)}")
+            load = load.long()
+            self._pending_load = load if self._pending_load is None else self._pending_load + load
+
     # ------------------------------------------------------------------------------------------
     # graphs out
     # ------------------------------------------------------------------------------------------

@@ -172,6 +172,10 @@ class TernaryVQCodebook(nn.Module):
         # Histogram of the last training batch (counts of the codes that occurred): a statistic,
         # not state, so it is an attribute and never enters the state_dict.
         self._last_counts: torch.Tensor | None = None
+        # Data-parallel training (train/distributed.py) sets this to an object that merges the
+        # assignments of every rank and picks the re-seed inputs identically on every rank; it
+        # is transient, like the histogram, and None means one process.
+        self.tracking_sync = None
 
     # --- assignment ------------------------------------------------------------------------
     def _check_z(self, z: torch.Tensor) -> None:
@@ -204,25 +208,37 @@ class TernaryVQCodebook(nn.Module):
 
     @torch.no_grad()
     def _track(self, ids: torch.Tensor, z2d: torch.Tensor, dist: torch.Tensor) -> None:
-        self.step.add_(1)
-        step = int(self.step)
-        unique, counts = torch.unique(ids, return_counts=True)  # O(batch): only assigned codes
+        sync = self.tracking_sync
+        if sync is None:
+            calls = 1
+            unique, counts = torch.unique(ids, return_counts=True)  # O(batch): only assigned codes
+        else:  # the assignments of all ranks' calls, which count as `calls` calls
+            unique, counts, calls = sync.merge_assignments(self, ids)
+        before = int(self.step)
+        self.step.add_(calls)
+        step = before + calls
         self.usage.index_copy_(0, unique, saturating_add(self.usage.index_select(0, unique), counts))
         self.used_in_window.index_fill_(0, unique, True)
         self._last_counts = counts
-        if self.usage_decay_interval and step % self.usage_decay_interval == 0:
+        # "crossed a multiple" is "step % interval == 0" when calls == 1
+        if self.usage_decay_interval and step // self.usage_decay_interval > before // self.usage_decay_interval:
             self.usage.bitwise_right_shift_(1)  # usage is never negative: a shift halves it
-        if self.reseed_window and step % self.reseed_window == 0:
-            self._reseed(z2d, dist)
+        if self.reseed_window and step // self.reseed_window > before // self.reseed_window:
+            if sync is not None:
+                z2d, dist = sync.reseed_inputs(self, z2d, dist)
+            targets = self._reseed(z2d, dist)
+            if sync is not None:
+                sync.codes_reseeded(self, targets)
 
     @torch.no_grad()
-    def _reseed(self, z2d: torch.Tensor, dist: torch.Tensor) -> None:
+    def _reseed(self, z2d: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        """Re-seed dead codes from the worst-reconstructed rows of z2d; returns their ids."""
         dead = (~self.used_in_window).nonzero().squeeze(1)
         self.dead_codes.fill_(dead.numel())
         k = min(dead.numel(), z2d.shape[0])
+        targets = dead[:k]
         if k:
             worst = torch.argsort(dist, descending=True, stable=True)[:k]
-            targets = dead[:k]
             trits, E = ternary_fit(z2d.index_select(0, worst))
             w = self.codes.weight
             w.packed.index_copy_(0, targets, pack_trits(trits))
@@ -232,6 +248,7 @@ class TernaryVQCodebook(nn.Module):
             self.usage.index_fill_(0, targets, 0)
             self.reseeded_total.add_(k)
         self.used_in_window.zero_()
+        return targets
 
     # --- ids <-> codes -----------------------------------------------------------------------
     def indices_to_codes(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -228,9 +228,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # Data parallel (train/distributed.py): every rank samples the global batch and takes its
+    # chunk, running micro_batches / world backward passes; only rank 0 writes the run folder.
+    rank, world = (0, 1) if vote_sync is None else (vote_sync.rank, vote_sync.world_size)
+    lead = rank == 0
+    if world > 1 and (cfg.micro_batches % world or cfg.batch_size % cfg.micro_batches):
+        raise ValueError(f"micro_batches={cfg.micro_batches} must be a multiple of the {world} ranks (each runs "
+                         f"micro_batches / world backward passes per step) and divide batch_size={cfg.batch_size}")
+    if vote_sync is not None:
+        vote_sync.check_same("config", json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
+                                                   if k not in ("device", "threads")}, sort_keys=True, default=str))
     run_dir = pathlib.Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not lead:
+        vote_sync.barrier()  # rank 0 prepares the corpus cache first, then the others read it
     train_ds, val_ds, corpus_stats = prepare_data(cfg)
+    if lead and vote_sync is not None:
+        vote_sync.barrier()
     logger.info("corpus: %s", corpus_stats)
     unigram = unigram_bits_per_byte(train_ds, val_ds)
     model_cfg = cfg.model_config()
@@ -252,12 +266,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
         _load_optimizer(opt, tensors, meta["optimizer"])
         restore_rng_state({k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")})
         start = meta["data_position"]["next_step"]
-        _truncate_metrics(metrics_path, start)
-    else:
+        if lead:
+            _truncate_metrics(metrics_path, start)
+    elif lead:
         metrics_path.write_text("")
-    (run_dir / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg),
-                                                     "model": dataclasses.asdict(model_cfg),
-                                                     "corpus": corpus_stats}, indent=2))
+    if lead:
+        (run_dir / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg),
+                                                         "model": dataclasses.asdict(model_cfg),
+                                                         "corpus": corpus_stats}, indent=2))
+    if vote_sync is not None:
+        vote_sync.check_identical(model, "at the start")
 
     interrupted = False
 
@@ -271,7 +289,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
     t_start = time.perf_counter()
     loss_value, val_nats, tok_s = float("nan"), float("nan"), 0.0
     step = start
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or not lead, unit="step", dynamic_ncols=True)
     try:
         while step < cfg.steps and not interrupted:
             t0 = time.perf_counter()
@@ -279,7 +297,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
                 for group in opt.float_optimizer.param_groups:
                     group["lr"] = cosine_lr(step, cfg.steps, cfg.lr)
             x, y = train_ds.sample_batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
-            out, stats = train_step(model, opt, x.to(cfg.device), y.to(cfg.device), cfg.micro_batches, vote_sync)
+            if world > 1:
+                x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+            out, stats = train_step(model, opt, x.to(cfg.device), y.to(cfg.device), cfg.micro_batches // world,
+                                    vote_sync)
+            if vote_sync is not None:  # a Ctrl-C seen by one rank stops every rank at the same step
+                interrupted = vote_sync.agree(interrupted)
             loss_value = float(out.lm_loss.detach())
             step += 1
             tok_s = tokens_per_step / (time.perf_counter() - t0)
@@ -289,17 +312,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
                           "aux_loss": float(out.aux_loss.detach()), "tokens_per_s": tok_s, "memory_bytes": _memory_bytes(cfg.device),
                           "threshold": stats.threshold, "flip_rate": stats.flip_rate,
                           "routing": model.routing_stats()}
+                if vote_sync is not None:
+                    record["exchange"] = vote_sync.last_stats.as_dict()
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val_nats = evaluate(model, val_ds, cfg)
                 record = record or {"step": step, "train_loss": loss_value}
                 record.update({"val_loss": val_nats, "val_bits_per_byte": val_nats * NATS_TO_BITS})
-            if record is not None:
+            if record is not None and lead:
                 _append_jsonl(metrics_path, record)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if lead and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 save_run_checkpoint(run_dir, step, model, opt, cfg, cfg.keep_last)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", val_bpb=f"{val_nats * NATS_TO_BITS:.3f}", tok_s=f"{tok_s:,.0f}")
-        if interrupted and step % cfg.checkpoint_every != 0:
+        if interrupted and step % cfg.checkpoint_every != 0 and lead:
             path = save_run_checkpoint(run_dir, step, model, opt, cfg, cfg.keep_last)
             bar.write(f"interrupted at step {step}: checkpoint written to {path}")
     finally:
@@ -307,8 +332,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
         signal.signal(signal.SIGINT, previous_handler)
     if math.isnan(val_nats) and step > start:
         val_nats = evaluate(model, val_ds, cfg)
-    plot_loss_curves([metrics_path], run_dir / "loss.png", labels=[cfg.weights])
-    plot_routing_graph(model, run_dir / "routing.png")
+    if vote_sync is not None:
+        vote_sync.check_identical(model, f"after step {step}")
+    if lead:
+        plot_loss_curves([metrics_path], run_dir / "loss.png", labels=[cfg.weights])
+        plot_routing_graph(model, run_dir / "routing.png")
+    if vote_sync is not None:
+        vote_sync.barrier()  # the other ranks return once rank 0's files are complete
     seconds = time.perf_counter() - t_start
     return RunSummary(steps=step, final_train_loss=loss_value, val_loss_nats=val_nats,
                       val_bits_per_byte=val_nats * NATS_TO_BITS, unigram_bits_per_byte=unigram,

@@ -178,7 +178,8 @@ def _expert_load(moe: MoEGraph, dst: torch.Tensor) -> tuple[np.ndarray, str]:
     return torch.bincount(dst.long().cpu(), minlength=moe.num_experts).numpy(), "active-edge in-degree"
 
 
-def _choose_codes(moe: MoEGraph, codes: object, top: int, usage: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+def _choose_codes(moe: MoEGraph, codes: object, top: int,
+                  usage: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
     """Validated given codes, capped at ``top`` (most used first); and how many were asked for."""
     if codes is None:
         return None, 0
@@ -315,13 +316,15 @@ def plot_routing_graph(model_or_moe: TernaryGraphLM | MoEGraph, out_png: str | o
     ax.set_axis_off()
     edges = list(g.edges(data=True))
     max_abs = max([abs(d["score"]) for _, _, d in edges] + [1])
+    # Thinner strokes when there are many edges, so that they do not merge into one band.
+    extra_width = 3.0 * min(1.0, math.sqrt(150 / max(len(edges), 1)))
     # Neutral edges first, signed ones on top: the learned structure stays visible.
     for sign in (0, -1, 1):
         sel = [(u, v, d) for u, v, d in edges if d["attr"] == sign]
         if not sel:
             continue
         segments = [(pos[u], pos[v]) for u, v, _ in sel]
-        widths = [0.5 + 3.0 * abs(d["score"]) / max_abs for _, _, d in sel]
+        widths = [0.5 + extra_width * abs(d["score"]) / max_abs for _, _, d in sel]
         ax.add_collection(LineCollection(segments, colors=SIGN_COLORS[sign], linewidths=widths,
                                          alpha=0.45 if sign == 0 else 0.85, zorder=1))
 
@@ -339,13 +342,16 @@ def plot_routing_graph(model_or_moe: TernaryGraphLM | MoEGraph, out_png: str | o
     load = info["load"].astype(float)
     total_load = max(load.sum(), 1.0)
     exy = np.array([pos[n] for n in expert_nodes])
-    esizes = 250 + 1750 * load / max(load.max(), 1.0)
+    # Marker area in points²; the largest side is capped so that many experts stay apart.
+    side = min(45.0, 0.7 * size[1] * 72 / len(expert_nodes))
+    esizes = side ** 2 * (0.15 + 0.85 * load / max(load.max(), 1.0))
     ax.scatter(exy[:, 0], exy[:, 1], s=esizes, marker="s", c=_EXPERT_COLOR, edgecolors="black",
                linewidths=0.8, zorder=3)
     for n, (x, y), s in zip(expert_nodes, exy, esizes):
         e = g.nodes[n]["expert_id"]
         # Marker size is an area in points²: start the label half a side plus a gap away.
-        ax.annotate(f"E{e}\n{load[e] / total_load:.0%}", (x, y), xytext=(math.sqrt(s) / 2 + 5, 0),
+        sep = "\n" if side >= 25 else " "  # one line per expert when the rows are tight
+        ax.annotate(f"E{e}{sep}{load[e] / total_load:.0%}", (x, y), xytext=(math.sqrt(s) / 2 + 5, 0),
                     textcoords="offset points",
                     ha="left", va="center", fontsize=9, fontweight="bold", zorder=4)
     label_codes = len(code_nodes) <= _MAX_CODE_LABELS
@@ -372,9 +378,15 @@ def plot_routing_graph(model_or_moe: TernaryGraphLM | MoEGraph, out_png: str | o
     dropped_e = info["edges_total"] - info["edges_shown"]
     line1 = (f"MoEGraph layer {layer} ({moe.mode} mode): {info['codes_shown']} codes → {moe.num_experts} experts, "
              f"{info['edges_shown']} active edges shown")
-    line2 = (f"dropped {dropped_c:,} of {info['codes_total']:,} codes and {dropped_e:,} of {info['edges_total']:,} "
-             f"edges (top {top} codes by {info['ranked_by']})" if dropped_c or dropped_e
-             else f"nothing dropped (codes by {info['ranked_by']})")
+    if info["ranked_by"] == "given codes":
+        line2 = (f"{info['codes_total']:,} codes given" +
+                 (f", {dropped_c:,} dropped (top={top}, most used kept)" if dropped_c else "") +
+                 f"; {dropped_e:,} of {info['edges_total']:,} edges not shown")
+    elif dropped_c or dropped_e:
+        line2 = (f"dropped {dropped_c:,} of {info['codes_total']:,} codes and {dropped_e:,} of "
+                 f"{info['edges_total']:,} edges (top {top} codes by {info['ranked_by']})")
+    else:
+        line2 = f"nothing dropped (codes by {info['ranked_by']})"
     line3 = f"expert size: {info['load_source']}" + ("" if label_codes or not code_nodes else
                                                       f"; code labels hidden above {_MAX_CODE_LABELS} codes")
     ax.set_title(f"{line1}\n{line2}\n{line3}", fontsize=10)
@@ -721,6 +733,8 @@ def top_predicted_links(kg: KnowledgeGraph, entity: str,
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
     head = kg.entity_id(entity)
+    if isinstance(relations, str):
+        raise TypeError(f"relations must be a list of relation names, got the string {relations!r}")
     rel_names = list(kg.relation_names if relations is None else relations)
     if not rel_names:
         raise ValueError("relations must name at least one relation, got an empty list")
@@ -778,12 +792,13 @@ def plot_kg_neighbourhood(kg: KnowledgeGraph, entity: str, out_png: str | os.Pat
     degree = dict(und.degree())
     must = [entity] + [x for h, _, t in pred for x in (h, t)]
     must = list(dict.fromkeys(must))
-    rest = sorted((n for n in sub.entity_names if n not in set(must)),
+    must_set = set(must)
+    rest = sorted((n for n in sub.entity_names if n not in must_set),
                   key=lambda n: (dist.get(n, hops + 1), -degree.get(n, 0), n))
     room = max(0, max_nodes - len(must))
     kept = must + rest[:room]
     kept_set = set(kept)
-    total = len(set(sub.entity_names) | set(must))
+    total = len(set(sub.entity_names) | must_set)
     dropped = total - len(kept)
 
     type_names = kg.entity_type_names
@@ -827,7 +842,7 @@ def plot_kg_neighbourhood(kg: KnowledgeGraph, entity: str, out_png: str | os.Pat
     if n <= max_labels:
         labelled = kept
     else:
-        by_degree = sorted((m for m in kept if m not in set(must)), key=lambda m: (-degree.get(m, 0), m))
+        by_degree = sorted((m for m in kept if m not in must_set), key=lambda m: (-degree.get(m, 0), m))
         labelled = must[:max_labels] + by_degree[:max(0, max_labels - len(must))]
     texts = []
     for m in labelled:
