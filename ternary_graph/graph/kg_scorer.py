@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from ..kernels.embedding import gather_rows_reference
 from ..kernels.vq_search import nearest_codes
 from ..nn.embedding import TernaryEmbeddingTable
+from ..nn.factory import check_weights, make_embedding
 from ..nn.vq import KGVQCodebook
 from .kg import KnowledgeGraph
 
@@ -105,10 +106,14 @@ class TernaryKGScorer(nn.Module):
         kg_codebook: optional KG codebook whose codes the entities map to (it becomes a
             submodule: its state is saved with the scorer).
         score: ``"distmult"`` or ``"complex"``.
-        logit_scale: logits = ``logit_scale · φ``; default ``1 / sqrt(dim)``.
+        logit_scale: logits = ``logit_scale · φ``; default ``2 / sqrt(dim)`` (0.25 at dim 64,
+            the best of 0.125 / 0.25 / 0.5 / 1.0 on the stdlib KG's valid split).
+        weights: ``"ternary"`` (TernaryEmbeddingTable rows, int8 votes) or ``"float"``
+            (nn.Embedding rows drawn from ``N(0, init_scale²)``, for a float control trained
+            with the same loss by an ordinary optimizer).
         zero_fraction: initial fraction of zero trits (None: uniform trits, a third zero).
         init_scale: initial row scale of both tables.
-        device, generator: allocation and initial trits.
+        device, generator: allocation and initial weights.
 
     Shapes:
         triples: (B, 3) int32/int64 rows ``[head, relation, tail]``.
@@ -117,8 +122,8 @@ class TernaryKGScorer(nn.Module):
 
     def __init__(self, num_entities: int, num_relations: int, dim: int = 64, *,
                  kg_codebook: KGVQCodebook | None = None, score: str = "distmult",
-                 logit_scale: float | None = None, zero_fraction: float | None = None,
-                 init_scale: float = 1.0, device: torch.device | str | None = None,
+                 logit_scale: float | None = None, weights: str = "ternary",
+                 zero_fraction: float | None = None, init_scale: float = 1.0, device: torch.device | str | None = None,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         _check_positive_int("num_entities", num_entities)
@@ -133,22 +138,39 @@ class TernaryKGScorer(nn.Module):
                 raise TypeError(f"kg_codebook must be a KGVQCodebook, got {type(kg_codebook).__name__}")
             if kg_codebook.dim != dim:
                 raise ValueError(f"kg_codebook.dim={kg_codebook.dim} must equal the scorer's dim={dim}")
+        check_weights(weights)
         if logit_scale is None:
-            logit_scale = 1.0 / math.sqrt(dim)
+            logit_scale = 2.0 / math.sqrt(dim)
         if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
             raise ValueError(f"logit_scale must be a positive finite number, got {logit_scale!r}")
         self.num_entities, self.num_relations, self.dim = num_entities, num_relations, dim
-        self.score_function = score
+        self.score_function, self.weights = score, weights
         self.logit_scale = float(logit_scale)
-        self.entities = TernaryEmbeddingTable(num_entities, dim, zero_fraction=zero_fraction,
-                                              init_scale=init_scale, device=device, generator=generator)
-        self.relations = TernaryEmbeddingTable(num_relations, dim, zero_fraction=zero_fraction,
-                                               init_scale=init_scale, device=device, generator=generator)
+        if weights == "ternary":
+            self.entities = TernaryEmbeddingTable(num_entities, dim, zero_fraction=zero_fraction,
+                                                  init_scale=init_scale, device=device, generator=generator)
+            self.relations = TernaryEmbeddingTable(num_relations, dim, zero_fraction=zero_fraction,
+                                                   init_scale=init_scale, device=device, generator=generator)
+        else:
+            self.entities = make_embedding(num_entities, dim, "float", device=device)
+            self.relations = make_embedding(num_relations, dim, "float", device=device)
+            with torch.no_grad():
+                for table in (self.entities, self.relations):
+                    table.weight.copy_(init_scale * torch.randn(table.weight.shape, generator=generator)
+                                       .to(table.weight.device))
         self.kg_codebook = kg_codebook
 
     @property
     def device(self) -> torch.device:
-        return self.entities.weight.packed.device
+        w = self.entities.weight
+        return w.packed.device if self.weights == "ternary" else w.device
+
+    @torch.no_grad()
+    def _decode(self, table: nn.Module, ids: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(n, dim) rows of ``table`` without autograd or votes."""
+        if self.weights == "ternary":
+            return gather_rows_reference(table.weight.packed, table.weight.E, ids, self.dim, dtype)
+        return table.weight.detach().index_select(0, ids).to(dtype)
 
     # --- validation ------------------------------------------------------------------------
     def check_triples(self, triples: Tensor, *, name: str = "triples") -> Tensor:
@@ -239,19 +261,15 @@ class TernaryKGScorer(nn.Module):
     @torch.no_grad()
     def entity_matrix(self, *, quantized: bool = False, dtype: torch.dtype = torch.float32) -> Tensor:
         """(num_entities, dim) entity vectors ``s_e · T_e``, or with ``quantized`` their codes' vectors."""
-        w = self.entities.weight
-        ids = torch.arange(self.num_entities, device=self.device)
         if not quantized:
-            return gather_rows_reference(w.packed, w.E, ids, self.dim, dtype)
+            return self._decode(self.entities, torch.arange(self.num_entities, device=self.device), dtype)
         codebook = self._require_codebook("entity_matrix(quantized=True)")
         return codebook.indices_to_codes(self.entity_codes(), dtype=dtype)
 
     @torch.no_grad()
     def relation_matrix(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """(num_relations, dim) relation vectors ``s_r · T_r``."""
-        w = self.relations.weight
-        return gather_rows_reference(w.packed, w.E, torch.arange(self.num_relations, device=self.device),
-                                     self.dim, dtype)
+        return self._decode(self.relations, torch.arange(self.num_relations, device=self.device), dtype)
 
     def score_fn(self, *, quantized: bool = False):
         """A broadcasting ``score(h, r, t) -> φ`` for :func:`~ternary_graph.graph.kg_metrics.filtered_ranks`.
@@ -294,11 +312,11 @@ class TernaryKGScorer(nn.Module):
         """
         codebook = self._require_codebook("entity_codes")
         _check_positive_int("chunk", chunk)
-        w, cw = self.entities.weight, codebook.codes.weight
+        cw = codebook.codes.weight
         out = torch.empty(self.num_entities, dtype=torch.long, device=self.device)
         for start in range(0, self.num_entities, chunk):
             ids = torch.arange(start, min(start + chunk, self.num_entities), device=self.device)
-            z = gather_rows_reference(w.packed, w.E, ids, self.dim, torch.float32)
+            z = self._decode(self.entities, ids)
             out[start:start + ids.numel()], _ = nearest_codes(z, cw.packed, cw.E, self.dim,
                                                               precision=codebook.precision)
         return out
@@ -326,9 +344,7 @@ class TernaryKGScorer(nn.Module):
                 total = 0.0
                 for start in range(0, self.num_entities, chunk):
                     ids = order[start:start + chunk]
-                    with torch.no_grad():
-                        z = gather_rows_reference(self.entities.weight.packed, self.entities.weight.E, ids,
-                                                  self.dim, torch.float32)
+                    z = self._decode(self.entities, ids)
                     out = codebook(z)
                     with torch.no_grad():
                         total += float(((z - out.quantized) ** 2).sum())

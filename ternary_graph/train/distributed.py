@@ -82,6 +82,8 @@ FP16_EXACT_WORLD = 16  # 127 · 16 = 2032 ≤ 2048: sums of int8 values stay exa
 INT8_MAX = 127
 BACKENDS = ("auto", "nccl", "gloo")
 _MAX_INT32 = 2**31 - 1
+# torch 2.13 renames all_gather_into_tensor (deprecated there); the GPU machine's torch 2.11 has only it
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class DistributedError(RuntimeError):
@@ -164,6 +166,8 @@ class VoteSync:
         group: the process group (default: the default group). Must be initialised.
         bucket_bytes: largest buffer of one dense-accumulator or float-gradient all-reduce.
         timeout_s: the group's timeout, quoted in error messages.
+        wire_dtype: dtype of the dense vote all-reduce: ``torch.float16`` (2 B per accumulator,
+            exact up to 16 ranks) or ``torch.int32`` (4 B); default: float16 when exact.
 
     Every rank must call the same methods in the same order, with the same model (same config)
     and batches of the same shape. ``last_stats`` holds the :class:`ExchangeStats` of the last
@@ -171,7 +175,7 @@ class VoteSync:
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, wire_dtype: torch.dtype | None = None) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("VoteSync needs an initialised process group: call init_distributed() or "
                              "torch.distributed.init_process_group() first")
@@ -185,7 +189,14 @@ class VoteSync:
                             else torch.device("cpu"))
         self.bucket_bytes = bucket_bytes
         self.timeout_s = timeout_s
-        self.wire_dtype = torch.float16 if self.world_size <= FP16_EXACT_WORLD else torch.int32
+        exact_fp16 = self.world_size <= FP16_EXACT_WORLD
+        if wire_dtype is None:
+            wire_dtype = torch.float16 if exact_fp16 else torch.int32
+        if wire_dtype not in (torch.float16, torch.int32) or (wire_dtype == torch.float16 and not exact_fp16):
+            raise ValueError(f"wire_dtype must be torch.int32, or torch.float16 with at most {FP16_EXACT_WORLD} "
+                             f"ranks; got {wire_dtype} with {self.world_size} ranks")
+        # int16 would do, but neither NCCL nor gloo reduces int16
+        self.wire_dtype = wire_dtype
         self.last_stats = ExchangeStats()
         self._stats = ExchangeStats()
         self._model: nn.Module | None = None
@@ -214,7 +225,7 @@ class VoteSync:
         """(world, *local.shape) on the comm device; every rank must pass the same shape."""
         local = local.to(self.comm_device).contiguous()
         out = torch.empty((self.world_size, *local.shape), dtype=local.dtype, device=self.comm_device)
-        self._collective(what, lambda: dist.all_gather_into_tensor(out.view(-1), local.view(-1), group=self.group))
+        self._collective(what, lambda: _ALL_GATHER(out.view(-1), local.view(-1), group=self.group))
         return out
 
     def _all_reduce(self, what: str, t: torch.Tensor, op=dist.ReduceOp.SUM) -> None:
