@@ -237,13 +237,49 @@ def test_ranks_stay_identical_through_reseeds_and_the_exchange_moves_only_touche
             assert s["sparse_bytes"] == sum(n * (4 + widths.get(name, 128) + 1) for name, n in s["rows"].items())
             assert s["graph_bytes"] == 12 * s["graph_pairs"]
             assert s["sparse_bytes"] < 4096 * (cols + 1)  # far below the dense codebook accumulators
-        pad = max(a["stats"]["sparse_bytes"] + a["stats"]["graph_bytes"], b["stats"]["sparse_bytes"] + b["stats"]["graph_bytes"])
+        pad = max(rec["stats"]["sparse_bytes"] + rec["stats"]["graph_bytes"] for rec in (a, b))
         assert a["stats"]["gather_bytes"] == b["stats"]["gather_bytes"] == pad
         assert a["stats"]["union"] == b["stats"]["union"]
         assert a["stats"]["dense_bytes"] == b["stats"]["dense_bytes"] == 2 * a["stats"]["dense_elements"]
         for name in a["stats"]["rows"]:
             assert max(a["stats"]["rows"][name], b["stats"]["rows"][name]) <= a["stats"]["union"][name] \
                 <= a["stats"]["rows"][name] + b["stats"]["rows"][name]
+
+
+def _reseed_case(out: pathlib.Path) -> None:
+    """A code one rank voted on is re-seeded later in the same step (both ranks dump their codebook).
+
+    Call 1: rank 0's input is code 1, rank 1's is code 0, so only rank 1 holds (and zeroes) row 0.
+    Call 2 assigns codes 8 and 9; its re-seed check finds 0 and 1 dead and re-seeds them, which
+    zeroes their accumulators on both ranks: rank 1 must not restore row 0's old value.
+    """
+    from torch import nn
+    from ternary_graph.nn.vq import TernaryVQCodebook
+    from ternary_graph.train.distributed import init_distributed, shutdown
+
+    sync, _ = init_distributed("gloo", timeout_s=60)
+    model = nn.Module()
+    model.vq = TernaryVQCodebook(16, 8, reseed_window=2, usage_decay_interval=0,
+                                 generator=torch.Generator().manual_seed(0))
+    model.vq.codes.weight.T_accum.fill_(5)
+    model.train()
+    sync.begin_step(model)
+    for codes in ((1, 0), (8, 9)):
+        z = model.vq.indices_to_codes(torch.tensor([codes[sync.rank]]))
+        q = model.vq(z)
+        assert int(q.ids[0]) == codes[sync.rank], (q.ids, codes)
+        q.commitment_loss.backward()
+    sync.all_reduce(model)
+    assert int(model.vq.reseeded_total) == 4  # 2 and 3 at call 1, then 0 and 1
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"case{sync.rank}.safetensors"))
+    shutdown()
+
+
+def test_a_row_kept_by_one_rank_and_reseeded_later_in_the_step_stays_identical(tmp_path):
+    _ok(_wait_all(_spawn_ranks([sys.executable, str(pathlib.Path(__file__)), "--reseed-case", str(tmp_path)])))
+    a, b = (load_file(tmp_path / f"case{r}.safetensors") for r in (0, 1))
+    _assert_same(a, b)
+    assert int(a["vq.codes.weight.T_accum"][0].abs().max()) < 5  # row 0 lost its old votes with its reseed
 
 
 @pytest.mark.parametrize("victim,how", [(1, "kill"), (0, "kill"), (1, "hang")])
@@ -373,3 +409,5 @@ def test_one_rank_sync_changes_nothing(one_thread):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         _worker(pathlib.Path(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:8]))
+    elif sys.argv[1:2] == ["--reseed-case"]:
+        _reseed_case(pathlib.Path(sys.argv[2]))

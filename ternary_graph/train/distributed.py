@@ -48,8 +48,10 @@ identical accumulators, so they stay identical. Against one process running the 
 (``micro_batches`` backward passes in sequence): votes are summed identically, so with two ranks
 the packed weights and accumulators are equal bit for bit (rank 0's accumulator plus rank 1's
 votes is exactly the sequential saturating sum); with more ranks they are equal unless an
-accumulator saturates in the middle of a step. VQ usage, ``step`` and usage decay are equal;
-a re-seed uses the worst inputs of all ranks' call rather than one micro batch's, so it differs.
+accumulator saturates in the middle of a step. VQ usage and ``step`` are equal too, except in
+a step where a usage halving or a re-seed fires: it applies after the counts of one call of
+every rank (one process: after the calls so far of its micro batches, in another order), and a
+re-seed draws from all ranks' inputs of that call rather than from one micro batch's.
 Float gradients are averaged: equal bit for bit with two ranks (halving is exact), to float
 rounding beyond.
 
@@ -82,7 +84,7 @@ FP16_EXACT_WORLD = 16  # 127 · 16 = 2032 ≤ 2048: sums of int8 values stay exa
 INT8_MAX = 127
 BACKENDS = ("auto", "nccl", "gloo")
 _MAX_INT32 = 2**31 - 1
-# torch 2.13 renames all_gather_into_tensor (deprecated there); the GPU machine's torch 2.11 has only it
+# torch 2.13 deprecates all_gather_into_tensor in favour of all_gather_single; older releases lack the latter
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
@@ -168,6 +170,7 @@ class VoteSync:
         timeout_s: the group's timeout, quoted in error messages.
         wire_dtype: dtype of the dense vote all-reduce: ``torch.float16`` (2 B per accumulator,
             exact up to 16 ranks) or ``torch.int32`` (4 B); default: float16 when exact.
+        local_rank: this rank's index on its node (torchrun's LOCAL_RANK; default: the rank).
 
     Every rank must call the same methods in the same order, with the same model (same config)
     and batches of the same shape. ``last_stats`` holds the :class:`ExchangeStats` of the last
@@ -175,7 +178,8 @@ class VoteSync:
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 timeout_s: float | None = None, wire_dtype: torch.dtype | None = None) -> None:
+                 timeout_s: float | None = None, wire_dtype: torch.dtype | None = None,
+                 local_rank: int | None = None) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("VoteSync needs an initialised process group: call init_distributed() or "
                              "torch.distributed.init_process_group() first")
@@ -184,6 +188,9 @@ class VoteSync:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        if local_rank is not None and (not isinstance(local_rank, int) or local_rank < 0):
+            raise ValueError(f"local_rank must be a non-negative int, got {local_rank!r}")
+        self.local_rank = self.rank if local_rank is None else local_rank
         self.backend = str(dist.get_backend(group))
         self.comm_device = (torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl"
                             else torch.device("cpu"))
@@ -216,9 +223,9 @@ class VoteSync:
         try:
             fn()
         except RuntimeError as exc:
-            limit = f"{self.timeout_s:g} s" if self.timeout_s is not None else "the process group's"
+            limit = f"the {self.timeout_s:g} s" if self.timeout_s is not None else "the process group's"
             raise DistributedError(
-                f"rank {self.rank} of {self.world_size}: {what} failed: a peer rank died, hung past the "
+                f"rank {self.rank} of {self.world_size}: {what} failed: a peer rank died, hung past "
                 f"{limit} timeout, or the ranks run different configs ({type(exc).__name__}: {exc})") from exc
 
     def _all_gather(self, what: str, local: torch.Tensor) -> torch.Tensor:
@@ -483,8 +490,8 @@ class VoteSync:
             gathered = self._all_gather("sparse-row and graph-vote all-gather", buf)
             self._stats.gather_bytes += max_len
             # clone: a view as int32 needs its own, aligned storage
-            blocks = [(gathered[r, :4 * a].clone().view(torch.int32), gathered[r, 4 * a:4 * a + b].clone().view(torch.int8))
-                      for r, (a, b) in enumerate(layouts)]
+            blocks = [(gathered[r, :4 * a].clone().view(torch.int32),
+                       gathered[r, 4 * a:4 * a + b].clone().view(torch.int8)) for r, (a, b) in enumerate(layouts)]
         sparse_in: list[list] = [[] for _ in self._sparse]  # [table][rank] -> (ids, T, E)
         graph_in: list[list] = [[] for _ in self._moes]  # [moe][rank] -> (3, n) int32
         for r, (i32, i8) in enumerate(blocks):
@@ -492,7 +499,8 @@ class VoteSync:
             pairs = headers[r, n_s:n_s + n_m].tolist()
             o32 = o8 = 0
             for i, (n, c) in enumerate(zip(sizes, cols)):  # the order the parts were packed in
-                sparse_in[i].append((i32[o32:o32 + n], i8[o8:o8 + n * c].reshape(n, c), i8[o8 + n * c:o8 + n * (c + 1)]))
+                T, E = i8[o8:o8 + n * c].reshape(n, c), i8[o8 + n * c:o8 + n * (c + 1)]
+                sparse_in[i].append((i32[o32:o32 + n], T, E))
                 o32 += n
                 o8 += n * (c + 1)
             for j, n in enumerate(pairs):
@@ -612,8 +620,8 @@ def init_distributed(backend: str = "auto", *, device: str = "cpu", timeout_s: f
     if backend == "nccl" and not cuda:
         raise ValueError(f"the nccl backend needs a CUDA device, got device={device!r}; use --backend gloo")
     world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     if cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device == "cuda":
             device = f"cuda:{local_rank}"
         elif world > 1 and torch.device(device).index != local_rank:
@@ -625,7 +633,7 @@ def init_distributed(backend: str = "auto", *, device: str = "cpu", timeout_s: f
     except RuntimeError as exc:
         raise DistributedError(f"could not join the process group ({backend}, rank {os.environ['RANK']} of "
                                f"{world}) within {timeout_s:g} s: {exc}") from exc
-    return VoteSync(bucket_bytes=bucket_bytes, timeout_s=timeout_s), device
+    return VoteSync(bucket_bytes=bucket_bytes, timeout_s=timeout_s, local_rank=local_rank), device
 
 
 def shutdown() -> None:

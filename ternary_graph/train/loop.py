@@ -240,11 +240,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
                                                    if k not in ("device", "threads")}, sort_keys=True, default=str))
     run_dir = pathlib.Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not lead:
-        vote_sync.barrier()  # rank 0 prepares the corpus cache first, then the others read it
-    train_ds, val_ds, corpus_stats = prepare_data(cfg)
-    if lead and vote_sync is not None:
-        vote_sync.barrier()
+    # The corpus cache is filled by rank 0 first, then by the first rank of every other node (a
+    # cache not shared with node 0), then read by the rest: no two ranks write one cache at once.
+    turn = 0 if lead else (1 if vote_sync.local_rank == 0 else 2)
+    for phase in range(3 if vote_sync is not None else 1):
+        if phase == turn:
+            train_ds, val_ds, corpus_stats = prepare_data(cfg)
+        if vote_sync is not None:
+            vote_sync.barrier()
     logger.info("corpus: %s", corpus_stats)
     unigram = unigram_bits_per_byte(train_ds, val_ds)
     model_cfg = cfg.model_config()
