@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import pathlib
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -22,10 +23,12 @@ import torch
 from tqdm import tqdm
 
 from ..config import ModelConfig, get_preset
+from ..models.model import build_model
 from ..ternary.optimizer import TernaryOptimizer, UpdateRule
 from ..ternary.state import float_parameters
 from .checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, load_state_dict_strict,
                          restore_rng_state, save_checkpoint)
+from ..viz.plots import plot_loss_curves, plot_routing_graph
 from .data import (ByteDataset, collect_text_files, corpus_fingerprint, default_cache_dir, prepare_corpus,
                    stdlib_source_files, unigram_bits_per_byte)
 
@@ -176,7 +179,6 @@ def save_run_checkpoint(run_dir: pathlib.Path, step: int, model, opt, cfg: Train
 
 def load_model_from_checkpoint(path: str | pathlib.Path, device: str = "cpu"):
     """Model, TrainConfig and checkpoint meta from a checkpoint file or run folder."""
-    from ..models.model import build_model
     tensors, meta = load_checkpoint(path)
     cfg = TrainConfig(**meta["train_config"])
     cfg.device = device
@@ -193,7 +195,6 @@ def _append_jsonl(path: pathlib.Path, record: dict) -> None:
 def _memory_bytes(device: str) -> int:
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated())
-    import resource
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
@@ -223,8 +224,6 @@ def train_step(model, opt: TernaryOptimizer, x: torch.Tensor, y: torch.Tensor, m
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote_sync=None) -> RunSummary:
     """Run (or resume) a training run; returns its summary. Ctrl-C checkpoints, then stops."""
-    from ..models.model import build_model
-    from ..viz.plots import plot_loss_curves, plot_routing_graph
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
