@@ -43,6 +43,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<weights>)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: default)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--task", default="lm", choices=("lm", "kg", "lm+kg"),
+                   help="lm: next-byte LM; kg: the ternary KG scorer alone on the stdlib KG; "
+                        "lm+kg: LM plus the composite head's KG loss")
+    p.add_argument("--kg-weight", type=float, default=d.kg_weight, help="lm+kg: weight of the KG loss")
+    p.add_argument("--epochs", type=int, default=None, help="kg: epochs over the training triples (default 100)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--micro-batches", type=int, default=d.micro_batches,
                    help="backward passes per step over all ranks, each casting its own votes (default %(default)s)")
@@ -54,7 +59,23 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="--distributed: seconds a rank waits for its peers before it stops with an error")
 
 
+def _train_kg(args: argparse.Namespace) -> int:
+    from .train.kg_task import KGTrainConfig, train_kg
+    d = KGTrainConfig()
+    cfg = KGTrainConfig(epochs=args.epochs or d.epochs, seed=args.seed, device=args.device,
+                        out=args.out or "runs/kg", threads=args.threads, progress=not args.no_progress)
+    s = train_kg(cfg)
+    print(f"\ndone: {s.epochs} epochs of the ternary KG scorer in {s.seconds:.0f} s")
+    print(f"  test filtered MRR   {s.test['mrr']:.4f}  (Hits@1 {s.test['hits@1']:.4f}, Hits@10 {s.test['hits@10']:.4f})")
+    print(f"  random ranking MRR  {s.random_mrr:.5f}")
+    print(f"  parameter bytes     {s.inference_bytes:,} (training state {s.training_bytes:,})")
+    print(f"  run folder          {s.run_dir}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
+    if args.task == "kg":
+        return _train_kg(args)
     from .train.loop import TrainConfig, train
     out = args.out or f"runs/{args.preset}-{args.weights}"
     cfg = TrainConfig(preset=args.preset, weights=args.weights, steps=args.steps, batch_size=args.batch_size,
@@ -63,7 +84,8 @@ def _train(args: argparse.Namespace) -> int:
                       decay_shift=args.decay_shift, vote_magnitude=args.vote_magnitude, flip_prob=args.flip_prob,
                       eval_every=args.eval_every, eval_windows=args.eval_windows,
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, keep_last=args.keep_last, device=args.device,
-                      seed=args.seed, data=args.data, out=out, threads=args.threads)
+                      seed=args.seed, data=args.data, out=out, threads=args.threads, task=args.task,
+                      kg_weight=args.kg_weight)
     cfg = dataclasses.replace(cfg, micro_batches=args.micro_batches)
     if args.distributed:
         from .train.distributed import DistributedError, init_distributed, shutdown

@@ -148,3 +148,20 @@ def test_readme_main_command_runs_with_few_steps(tmp_path):
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "validation loss" in res.stdout
+
+
+def test_lm_plus_kg_task_logs_the_kg_loss(corpus, tmp_path):
+    out = tmp_path / "lmkg"
+    res = cli("train", *FAST, "--task", "lm+kg", "--steps", "2", "--eval-every", "2", "--checkpoint-every", "2",
+              "--log-every", "1", "--data", str(corpus), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kg_loss"] > 0 for r in records)
+
+
+def test_kg_task_trains_the_ternary_scorer_above_random(tmp_path):
+    res = cli("train", "--task", "kg", "--epochs", "3", "--no-progress", "--out", str(tmp_path / "kg"))
+    assert res.returncode == 0, res.stderr
+    mrr = float(re.search(r"test filtered MRR\s+([\d.]+)", res.stdout).group(1))
+    random_mrr = float(re.search(r"random ranking MRR\s+([\d.]+)", res.stdout).group(1))
+    assert mrr > 3 * random_mrr

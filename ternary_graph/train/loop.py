@@ -10,6 +10,7 @@ continues bit-identically.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from ..ternary.state import float_parameters
 from .checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, load_state_dict_strict,
                          restore_rng_state, save_checkpoint)
 from ..viz.plots import plot_loss_curves, plot_routing_graph
+from .kg_task import KGTrainConfig, entity_code_map, kg_composite_loss, load_kg
 from .data import (ByteDataset, collect_text_files, corpus_fingerprint, default_cache_dir, prepare_corpus,
                    stdlib_source_files, unigram_bits_per_byte)
 
@@ -65,6 +67,10 @@ class TrainConfig:
     out: str = "runs/tiny"  # run folder
     threads: int = 0  # torch CPU threads (0: torch's default)
     micro_batches: int = 1  # split each batch into this many backward passes (votes cast per micro batch)
+    task: str = "lm"  # "lm", or "lm+kg": add the composite head's KG link-prediction loss every step
+    kg_weight: float = 0.1  # lm+kg: weight of the KG loss
+    kg_batch: int = 16  # lm+kg: training triples per step (head names encoded through the LM)
+    kg_negatives: int = 64  # lm+kg: sampled negative entities per triple
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields to change
 
     def __post_init__(self) -> None:
@@ -77,6 +83,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.task not in ("lm", "lm+kg"):
+            raise ValueError(f"task must be 'lm' or 'lm+kg' (use train_kg for 'kg'), got {self.task!r}")
 
     def model_config(self) -> ModelConfig:
         cfg = get_preset(self.preset)
@@ -198,14 +206,33 @@ def _memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def kg_loss_term(cfg: TrainConfig, model_cfg: ModelConfig):
+    """The ``--task lm+kg`` term: ``(model, step) -> kg_weight · composite KG loss`` on a batch of
+    training triples of the stdlib KG drawn from a generator seeded by the step (so that it is
+    resumable). Entities map to KG codes by hashing their names (kg_task.entity_code_map)."""
+    kg = load_kg(KGTrainConfig())
+    triples = kg.split().train.long()
+    entity_code = entity_code_map(kg, model_cfg.kg_codebook_size)
+
+    def term(model, step: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        batch = triples[torch.randint(0, triples.shape[0], (cfg.kg_batch,), generator=gen)]
+        loss = kg_composite_loss(model, kg, batch, entity_code, cfg.kg_negatives, gen)
+        return cfg.kg_weight * loss
+
+    return term
+
+
 def train_step(model, opt: TernaryOptimizer, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 1,
-               vote_sync=None):
+               vote_sync=None, extra_loss=None):
     """One optimizer step over the batch (x, y), split into ``micro_batches`` equal parts.
 
     Each micro batch's backward casts its own votes (and accumulates float gradients, scaled so
     that they average). ``vote_sync`` (data parallel, see ``train/distributed.py``) is told
     when the step's votes start and when they are complete, so that it can all-reduce them
-    before the update. Returns the last micro batch's output and the optimizer's StepStats.
+    before the update. ``extra_loss(model) -> Tensor``, if given, is one more backward in the
+    same step (the KG term of ``--task lm+kg``). Returns the last micro batch's output, the
+    optimizer's StepStats and the extra loss's value (nan without one).
     """
     if x.shape[0] % micro_batches:
         raise ValueError(f"batch of {x.shape[0]} sequences does not split into micro_batches={micro_batches}")
@@ -214,12 +241,17 @@ def train_step(model, opt: TernaryOptimizer, x: torch.Tensor, y: torch.Tensor, m
     for xm, ym in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
         out = model(xm, ym)
         (out.loss / micro_batches).backward()
+    extra_value = float("nan")
+    if extra_loss is not None:
+        extra = extra_loss(model)
+        extra.backward()
+        extra_value = float(extra.detach())
     if vote_sync is not None:
         vote_sync.all_reduce(model, opt)
     stats = opt.step()
     opt.zero_grad()
     model.update_graph()
-    return out, stats
+    return out, stats, extra_value
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote_sync=None) -> RunSummary:
@@ -253,6 +285,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, weights=cfg.weights, device=cfg.device, seed=cfg.seed)
     opt = build_optimizer(model, cfg)
+    kg_term = kg_loss_term(cfg, model_cfg) if cfg.task == "lm+kg" else None
     metrics_path = run_dir / "metrics.jsonl"
     start = 0
     if resume:
@@ -301,8 +334,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
             x, y = train_ds.sample_batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
             if world > 1:
                 x, y = x.chunk(world)[rank], y.chunk(world)[rank]
-            out, stats = train_step(model, opt, x.to(cfg.device), y.to(cfg.device), cfg.micro_batches // world,
-                                    vote_sync)
+            out, stats, kg_loss = train_step(model, opt, x.to(cfg.device), y.to(cfg.device),
+                                             cfg.micro_batches // world, vote_sync,
+                                             None if kg_term is None else functools.partial(kg_term, step=step))
             if vote_sync is not None:  # a Ctrl-C seen by one rank stops every rank at the same step
                 interrupted = vote_sync.agree(interrupted)
             loss_value = float(out.lm_loss.detach())
@@ -316,6 +350,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
                           "routing": model.routing_stats()}
                 if vote_sync is not None:
                     record["exchange"] = vote_sync.last_stats.as_dict()
+                if kg_term is not None:
+                    record["kg_loss"] = kg_loss
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val_nats = evaluate(model, val_ds, cfg)
                 record = record or {"step": step, "train_loss": loss_value}
