@@ -27,7 +27,7 @@ cmd="${1:-train}"
 shift || true
 case "$cmd" in
     test)
-        exec "$PY" -m pytest tests "$@"
+        exec "$PY" -m pytest "$@"   # pyproject's testpaths = tests
         ;;
     *)
         exec "$VENV/bin/ternary-graph" "$cmd" "$@"
