@@ -165,3 +165,9 @@ def test_kg_task_trains_the_ternary_scorer_above_random(tmp_path):
     mrr = float(re.search(r"test filtered MRR\s+([\d.]+)", res.stdout).group(1))
     random_mrr = float(re.search(r"random ranking MRR\s+([\d.]+)", res.stdout).group(1))
     assert mrr > 3 * random_mrr
+    # its top predicted links can be drawn into a KG neighbourhood picture
+    res = cli("viz", "--checkpoint", str(tmp_path / "kg"), "--what", "kg", "--entity", "json.decoder.JSONDecoder",
+              "--kg-scorer", str(tmp_path / "kg"), "--out", str(tmp_path / "pictures"))
+    assert res.returncode == 0, res.stderr
+    picture = pathlib.Path(res.stdout.strip().splitlines()[-1])
+    assert picture.exists() and picture.stat().st_size > 1000

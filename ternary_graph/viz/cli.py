@@ -77,6 +77,10 @@ def add_viz_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kg-cache", default=None,
                    help="KG cache folder (default ~/.cache/ternary_graph/kg; 'none' disables)")
     p.add_argument("--predicted", default=None, help="TSV of head<TAB>relation<TAB>tail links to draw dashed")
+    p.add_argument("--kg-scorer", default=None,
+                   help="run folder or checkpoint of `ternary-graph train --task kg`: draw its top predicted "
+                        "links of --entity dashed")
+    p.add_argument("--predict-k", type=int, default=5, help="--kg-scorer: how many predicted links")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-batch", action="store_true", help="do not route a validation batch before plotting")
     p.set_defaults(func=run_viz)
@@ -156,7 +160,7 @@ def _safe_name(text: str) -> str:
 def run_viz(args: argparse.Namespace) -> int:
     """Carry out ``ternary-graph viz``; prints each written path. Returns the exit status."""
     from .plots import (export_routing_graph, plot_kg_neighbourhood, plot_loss_curves, plot_routing_graph,
-                        plot_routing_stats)
+                        plot_routing_stats, top_predicted_links)
 
     what = args.what
     needs_model = {"routing", "stats"} & set(what)
@@ -207,6 +211,13 @@ def run_viz(args: argparse.Namespace) -> int:
     if "kg" in what:
         predicted = _read_predicted(args.predicted) if args.predicted else None
         kg = load_kg(args.kg_source, args.kg_cache)
+        if args.kg_scorer:
+            from ..train.kg_task import load_kg_scorer
+            scorer, _, meta = load_kg_scorer(args.kg_scorer)
+            if meta["graph"]["entities"] != kg.num_entities:
+                raise ValueError(f"--kg-scorer {args.kg_scorer!r} was trained on a KG of {meta['graph']['entities']} "
+                                 f"entities, this KG has {kg.num_entities}")
+            predicted = (predicted or []) + top_predicted_links(kg, args.entity, scorer.score_fn(), k=args.predict_k)
         written.append(plot_kg_neighbourhood(kg, args.entity, out / f"kg_{_safe_name(args.entity)}.{picture}",
                                              hops=args.hops, max_nodes=args.max_nodes, predicted=predicted))
     for path in written:
