@@ -83,17 +83,13 @@ def _check_step(step: object) -> int:
     return int(step)
 
 
-def _fsync_file(path: pathlib.Path) -> None:
+def fsync_path(path: pathlib.Path) -> None:
+    """fsync a file, or a folder: a rename is durable only once the folder entry is on disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    # A rename is durable only once the folder entry is on disk.
-    _fsync_file(path)
 
 
 def _sha256_file(path: pathlib.Path) -> str:
@@ -239,17 +235,17 @@ def save_checkpoint(
 
     if json_path.exists():
         json_path.unlink()
-        _fsync_dir(run)
+        fsync_path(run)
 
     try:
         safetensors.torch.save_file(
             prepared, str(tensor_tmp), metadata={"format": "pt", "step": str(step)}
         )
-        _fsync_file(tensor_tmp)
+        fsync_path(tensor_tmp)
         size = tensor_tmp.stat().st_size
         digest = _sha256_file(tensor_tmp)
         os.replace(tensor_tmp, tensor_path)
-        _fsync_dir(run)
+        fsync_path(run)
 
         record = {
             "format_version": FORMAT_VERSION,
@@ -268,7 +264,7 @@ def save_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         os.replace(json_tmp, json_path)
-        _fsync_dir(run)
+        fsync_path(run)
     finally:
         # Only our own temp files: something else under that name (a folder) is left alone,
         # and the original error, if any, propagates.

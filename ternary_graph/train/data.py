@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checkpoint import fsync_path
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -248,14 +250,6 @@ def default_cache_dir(
         else pathlib.Path(root).expanduser()
     )
     return base / fingerprint[:16]
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _SkipFile(Exception):
@@ -496,7 +490,7 @@ def prepare_corpus(
         ) as meta_tmp:
             json.dump(meta, meta_tmp, indent=1)
         _publish(meta_tmp.name, meta_path)
-        _fsync_dir(cache)
+        fsync_path(cache)
         published = True
     finally:
         if not published:
