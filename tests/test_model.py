@@ -133,3 +133,31 @@ def test_bad_sequence_shapes_are_rejected():
         model(torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, SMALL.max_seq_len + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_row_scale_E_round_trips_through_forward_backward_and_update(device):
+    """The tscale path: E sets the forward scale exactly, backward votes on it, the update moves it."""
+    from ternary_graph.nn import TernaryLinear
+    from ternary_graph.ternary.state import E_STEP
+    torch.manual_seed(0)
+    layer = TernaryLinear(40, 24, device=device, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(5, 40, device=device)
+    with torch.no_grad():
+        y0 = layer(x)
+        layer.weight.E.add_(E_STEP)  # one octave: every row's scale doubles, exactly
+        torch.testing.assert_close(layer(x), 2 * y0, rtol=1e-6, atol=1e-6)
+        layer.weight.E.sub_(E_STEP)
+    # loss = <y, g>: dL/ds_n = Σ_m g_mn (x·T_n)_m, so the E vote of row n is its sign
+    g = torch.randn(5, 24, device=device)
+    (layer(x) * g).sum().backward()
+    trits = layer.weight.trits().float()
+    expected = torch.sign(((x @ trits.T) * g).sum(0)).to(torch.int8)
+    assert torch.equal(layer.weight.E_accum, expected)
+    E_before = layer.weight.E.clone()
+    TernaryOptimizer(layer, UpdateRule(threshold=127, scale_threshold=1)).step()
+    assert torch.equal(layer.weight.E, E_before - expected)  # a positive gradient shrinks the scale
+    assert torch.equal(layer.weight.E_accum, torch.zeros_like(expected))
+    with torch.no_grad():
+        factor = torch.exp2(-expected.float() / E_STEP)
+        torch.testing.assert_close(layer(x), y0 * factor, rtol=1e-5, atol=1e-5)
