@@ -58,6 +58,16 @@ def run_interpreter_suite(test_file: str | Path, timeout_s: float = 240.0) -> No
     assert " passed" in proc.stdout, proc.stdout[-2000:]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-op tests: on two shared cores OpenMP spin-waiting
+    makes tiny scatter ops take ~50 ms with 2 threads. Restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     """A fresh, seeded CPU generator per test (tests never share random state)."""

@@ -19,13 +19,7 @@ from ternary_graph.nn.ffn import TernarySwiGLU
 from ternary_graph.ternary import TernaryOptimizer, UpdateRule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: OpenMP spin-waiting makes tiny scatter ops take ~50 ms with 2 threads.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _float_entries(module: torch.nn.Module) -> int:

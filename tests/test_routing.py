@@ -30,13 +30,7 @@ from ternary_graph.graph.routing import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: OpenMP spin-waiting makes tiny scatter ops take ~50 ms with 2 threads.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sorted_edges(gen: torch.Generator, codes: int, experts: int, fanout: int, n: int, capacity: int):

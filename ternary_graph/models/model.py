@@ -108,6 +108,7 @@ class TernaryGraphLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, layer, weights, device, generator) for layer in range(cfg.n_layers))
         self.kg_vq = KGVQCodebook(cfg.kg_codebook_size, cfg.kg_codebook_dim, device=device, generator=generator)
         self.head = CompositeHead(cfg, weights, device, generator)
+        self._last_graph_updates: list = []  # transient: what the last update_graph() did, per layer
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         """Shapes: ids (B, T) int64/int32 bytes, targets (B, T) or None."""
@@ -140,7 +141,7 @@ class TernaryGraphLM(nn.Module):
     def routing_stats(self) -> dict:
         """Routing of the last batch and last graph update, per layer, plus shared-VQ usage."""
         stats: dict = {}
-        updates = getattr(self, "_last_graph_updates", None) or [None] * len(self.blocks)
+        updates = self._last_graph_updates or [None] * len(self.blocks)
         for block, update in zip(self.blocks, updates):
             layer: dict = {"active_edges": block.moe.num_active_edges}
             routing = block.moe.last_routing
