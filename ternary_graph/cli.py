@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 
 from .config import PRESETS
@@ -92,9 +93,13 @@ def _train(args: argparse.Namespace) -> int:
         try:
             vote_sync, cfg.device = init_distributed(args.backend, device=cfg.device, timeout_s=args.dist_timeout)
             s = train(cfg, resume=args.resume, progress=not args.no_progress, vote_sync=vote_sync)
-        except DistributedError as exc:  # no shutdown: a dead peer can make it hang
+        except DistributedError as exc:
             print(f"ternary-graph train: error: {exc}", file=sys.stderr)
-            return 3
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # Exit without interpreter shutdown: destroying a process group whose peer died or
+            # hangs can block, or abort the process (SIGABRT) instead of returning this status.
+            os._exit(3)
         shutdown()
         if vote_sync.rank != 0:
             return 130 if s.interrupted else 0
