@@ -2,9 +2,9 @@
 
 Trains each model with its own ``.loader()`` and ``.loss()`` (the loop of PyG's
 ``examples/kge_fb15k_237.py``) on the deterministic train split of
-:func:`ternary_graph.graph.kg.build_stdlib_kg`, then reports FILTERED MRR / Hits@k on
+:func:`ternary_graph.kg.graph.build_stdlib_kg`, then reports FILTERED MRR / Hits@k on
 the validation and test splits (tail and head ranks averaged, ties averaged; see
-:mod:`ternary_graph.graph.kg_metrics`) and the bytes of the model's parameters.
+:mod:`ternary_graph.kg.metrics`) and the bytes of the model's parameters.
 
     PYTHONPATH=. .venv/bin/python experiments/kg_baselines.py --epochs 100 --dim 64 \\
         --out experiments/results/kg_baselines.json
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.nn.kge import DistMult, KGEModel, RotatE, TransE
 
-from ternary_graph.graph.kg import KnowledgeGraph, build_stdlib_kg
-from ternary_graph.graph.kg_metrics import filtered_ranks, mrr_hits, random_ranking_mrr
+from ternary_graph.kg.graph import KnowledgeGraph, build_stdlib_kg
+from ternary_graph.kg.metrics import filtered_ranks, mrr_hits, random_ranking_mrr
 
 logger = logging.getLogger("kg_baselines")
 

@@ -1,9 +1,9 @@
 """Ternary link prediction against PyG's float KGE models on the stdlib knowledge graph.
 
-Trains, on the same deterministic split of :func:`ternary_graph.graph.kg.build_stdlib_kg`,
+Trains, on the same deterministic split of :func:`ternary_graph.kg.graph.build_stdlib_kg`,
 with the same embedding width and epochs:
 
-* the ternary scorer (:func:`ternary_graph.train.kg_task.train_kg`, int8 votes, DistMult
+* the ternary scorer (:func:`ternary_graph.kg.task.train_kg`, int8 votes, DistMult
   score, cross-entropy against 256 shared sampled negatives), scored with its raw entity
   vectors and with their KG VQ codes;
 * a float control: the same scorer, loss and negatives with float tables and Adam, to
@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 
 from experiments.kg_baselines import RunConfig, run as run_pyg_baselines, seen_in_train
-from ternary_graph.graph.kg import KnowledgeGraph
-from ternary_graph.graph.kg_metrics import random_ranking_mrr
-from ternary_graph.train.kg_task import KGSummary, KGTrainConfig, load_kg, train_kg
+from ternary_graph.kg.graph import KnowledgeGraph
+from ternary_graph.kg.metrics import random_ranking_mrr
+from ternary_graph.kg.task import KGSummary, KGTrainConfig, load_kg, train_kg
 
 logger = logging.getLogger("kg_link_prediction")
 
@@ -132,7 +132,7 @@ def format_markdown(report: dict) -> str:
         "(the float control overfits: its valid MRR peaks early, see its metrics.jsonl).",
         "- Ternary training: int8 sign votes of magnitude 4, threshold ramped 8 -> 16 over the run, row "
         "scales frozen (learned scales grew and destabilised training), no accumulator decay. Variants "
-        "tried on the valid split are listed in `ternary_graph/train/kg_task.py`.",
+        "tried on the valid split are listed in `ternary_graph/kg/task.py`.",
         "",
     ]
     return "\n".join(lines)

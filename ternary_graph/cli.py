@@ -61,7 +61,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_kg(args: argparse.Namespace) -> int:
-    from .train.kg_task import KGTrainConfig, train_kg
+    from .kg.task import KGTrainConfig, train_kg
     d = KGTrainConfig()
     cfg = KGTrainConfig(epochs=args.epochs or d.epochs, seed=args.seed, device=args.device,
                         out=args.out or "runs/kg", threads=args.threads, progress=not args.no_progress)

@@ -1,4 +1,4 @@
-"""The stdlib knowledge graph (ternary_graph.graph.kg) and filtered ranking metrics.
+"""The stdlib knowledge graph (ternary_graph.kg.graph) and filtered ranking metrics.
 
 Everything runs on the real standard library sources of the running interpreter: the
 `json` and `email` packages for extraction details, the whole stdlib once for scale.
@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ternary_graph.graph.kg import (
+from ternary_graph.kg.graph import (
     ENTITY_TYPE_NAMES,
     RELATION_NAMES,
     KnowledgeGraph,
     build_kg_from_roots,
     build_stdlib_kg,
 )
-from ternary_graph.graph.kg_metrics import (
+from ternary_graph.kg.metrics import (
     broadcast_score_fn,
     filtered_ranks,
     mrr_hits,
@@ -126,7 +126,7 @@ def test_relation_endpoint_types(kg):
 
 
 def test_resolution_counts_are_logged(caplog):
-    with caplog.at_level(logging.INFO, logger="ternary_graph.graph.kg"):
+    with caplog.at_level(logging.INFO, logger="ternary_graph.kg.graph"):
         kg = build_kg_from_roots([STDLIB / "json"], STDLIB)
     assert kg.stats["calls_resolved"] > 0 and kg.stats["calls_dropped"] > 0
     message = "\n".join(r.getMessage() for r in caplog.records)
@@ -246,7 +246,7 @@ def test_cache_reuses_the_saved_graph(tmp_path, caplog):
     first = build_kg_from_roots([STDLIB / "json"], STDLIB, cache_dir=tmp_path)
     (entry,) = list(tmp_path.iterdir())
     assert entry.name.startswith("kg-")
-    with caplog.at_level(logging.INFO, logger="ternary_graph.graph.kg"):
+    with caplog.at_level(logging.INFO, logger="ternary_graph.kg.graph"):
         second = build_kg_from_roots([STDLIB / "json"], STDLIB, cache_dir=tmp_path)
     assert "loaded cached knowledge graph" in caplog.text
     assert second == first

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from ternary_graph.config import get_preset
-from ternary_graph.graph.kg import KnowledgeGraph, build_kg_from_roots
-from ternary_graph.graph.kg_metrics import filtered_ranks, mrr_hits, random_ranking_mrr
-from ternary_graph.graph.kg_scorer import TernaryKGScorer, edges_between_codes, hashed_entity_codes
+from ternary_graph.kg.graph import KnowledgeGraph, build_kg_from_roots
+from ternary_graph.kg.metrics import filtered_ranks, mrr_hits, random_ranking_mrr
+from ternary_graph.kg.scorer import TernaryKGScorer, edges_between_codes, hashed_entity_codes
 from ternary_graph.models.model import build_model
 from ternary_graph.nn.vq import KGVQCodebook
 from ternary_graph.ternary.optimizer import TernaryOptimizer, UpdateRule
-from ternary_graph.train.kg_task import (
+from ternary_graph.kg.task import (
     NAME_BYTES,
     PAD_BYTE,
     KGTrainConfig,

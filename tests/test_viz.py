@@ -24,7 +24,7 @@ import torch
 
 from ternary_graph.cli import main as cli_main
 from ternary_graph.config import get_preset
-from ternary_graph.graph.kg import build_kg_from_roots
+from ternary_graph.kg.graph import build_kg_from_roots
 from ternary_graph.graph.moegraph import MoEGraph
 from ternary_graph.models.model import build_model
 from ternary_graph.ternary.optimizer import TernaryOptimizer
@@ -430,7 +430,7 @@ def test_plots_leave_matplotlib_global_state_alone(run_dir, tmp_path):
 import sys, matplotlib
 before = matplotlib.rcParams.copy()  # copy() reads without resolving the backend
 from ternary_graph.viz import plot_loss_curves, plot_kg_neighbourhood
-from ternary_graph.graph.kg import build_kg_from_roots
+from ternary_graph.kg.graph import build_kg_from_roots
 plot_loss_curves([{str(run_dir)!r}], {str(tmp_path / 'a.png')!r})
 kg = build_kg_from_roots([{str(JSON_DIR)!r}], {str(STDLIB)!r})
 plot_kg_neighbourhood(kg, 'json.decoder', {str(tmp_path / 'b.png')!r})

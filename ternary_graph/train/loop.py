@@ -30,7 +30,7 @@ from ..ternary.state import float_parameters
 from .checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, load_state_dict_strict,
                          restore_rng_state, save_checkpoint)
 from ..viz.plots import plot_loss_curves, plot_routing_graph
-from .kg_task import KGTrainConfig, entity_code_map, kg_composite_loss, load_kg
+from ..kg.task import KGTrainConfig, entity_code_map, kg_composite_loss, load_kg
 from .data import (ByteDataset, collect_text_files, corpus_fingerprint, default_cache_dir, prepare_corpus,
                    stdlib_source_files, unigram_bits_per_byte)
 
@@ -209,7 +209,7 @@ def _memory_bytes(device: str) -> int:
 def kg_loss_term(cfg: TrainConfig, model_cfg: ModelConfig):
     """The ``--task lm+kg`` term: ``(model, step) -> kg_weight · composite KG loss`` on a batch of
     training triples of the stdlib KG drawn from a generator seeded by the step (so that it is
-    resumable). Entities map to KG codes by hashing their names (kg_task.entity_code_map)."""
+    resumable). Entities map to KG codes by hashing their names (kg/task.py, entity_code_map)."""
     kg = load_kg(KGTrainConfig())
     triples = kg.split().train.long()
     entity_code = entity_code_map(kg, model_cfg.kg_codebook_size)

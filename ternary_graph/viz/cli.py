@@ -140,7 +140,7 @@ def load_kg(source: str | None = None, cache: str | None = None):
     ``<stdlib>/json`` gives ``json.decoder...``. ``cache``: folder, ``'none'`` or None (default
     ``~/.cache/ternary_graph/kg``).
     """
-    from ..graph.kg import build_kg_from_roots, build_stdlib_kg
+    from ..kg.graph import build_kg_from_roots, build_stdlib_kg
 
     cache_dir = None if cache is not None and cache.lower() == "none" else \
         Path(cache) if cache is not None else Path.home() / ".cache" / "ternary_graph" / "kg"
@@ -212,7 +212,7 @@ def run_viz(args: argparse.Namespace) -> int:
         predicted = _read_predicted(args.predicted) if args.predicted else None
         kg = load_kg(args.kg_source, args.kg_cache)
         if args.kg_scorer:
-            from ..train.kg_task import load_kg_scorer
+            from ..kg.task import load_kg_scorer
             scorer, _, meta = load_kg_scorer(args.kg_scorer)
             if meta["graph"]["entities"] != kg.num_entities:
                 raise ValueError(f"--kg-scorer {args.kg_scorer!r} was trained on a KG of {meta['graph']['entities']} "

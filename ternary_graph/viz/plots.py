@@ -20,7 +20,7 @@ Functions:
 * :func:`plot_loss_curves` — train / validation bits per byte of one or several runs.
 * :func:`plot_kg_neighbourhood` — k-hop neighbourhood of a KG entity, predicted links dashed.
 * :func:`top_predicted_links` — the best-scored unknown triples around an entity, for any
-  broadcasting triple scorer (the convention of ``graph/kg_metrics.py``).
+  broadcasting triple scorer (the convention of ``kg/metrics.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch
 from matplotlib.ticker import MaxNLocator
 
-from ..graph.kg import KnowledgeGraph
+from ..kg.graph import KnowledgeGraph
 from ..graph.moegraph import MoEGraph
 from ..models.model import TernaryGraphLM
 
@@ -725,7 +725,7 @@ def top_predicted_links(kg: KnowledgeGraph, entity: str,
     """The ``k`` best-scored triples ``(entity, relation, tail)`` that are not in ``kg``.
 
     ``score_fn(h, r, t)`` takes int64 id tensors that broadcast to a common shape and returns
-    scores of that shape, higher = more plausible (the convention of ``graph/kg_metrics.py``;
+    scores of that shape, higher = more plausible (the convention of ``kg/metrics.py``;
     PyG's KGE models qualify). It is called once with ``h (1, 1)``, ``r (R, 1)``, ``t (1, N)``.
     Known triples and self-links are excluded; ties go to the lower relation, then entity id.
     """

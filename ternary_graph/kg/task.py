@@ -2,7 +2,7 @@
 LM + KG loss that the LM loop adds.
 
 ``train_kg(KGTrainConfig(...))`` builds the stdlib knowledge graph (cached), splits it
-deterministically, trains a :class:`~ternary_graph.graph.kg_scorer.TernaryKGScorer` with
+deterministically, trains a :class:`~ternary_graph.kg.scorer.TernaryKGScorer` with
 :class:`~ternary_graph.ternary.optimizer.TernaryOptimizer` (or, with ``weights="float"``, the
 same scorer with float tables and Adam: a control with the same loss), fits the KG VQ
 codebook to the trained entity vectors, and reports filtered MRR / Hits@1/3/10 on the test
@@ -52,12 +52,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from ..graph.kg import KGSplit, KnowledgeGraph, build_stdlib_kg
-from ..graph.kg_metrics import filtered_ranks, mrr_hits, random_ranking_mrr
-from ..graph.kg_scorer import SCORE_FUNCTIONS, VOTE_SAMPLINGS, TernaryKGScorer, hashed_entity_codes
+from .graph import KGSplit, KnowledgeGraph, build_stdlib_kg
+from .metrics import filtered_ranks, mrr_hits, random_ranking_mrr
+from .scorer import SCORE_FUNCTIONS, VOTE_SAMPLINGS, TernaryKGScorer, hashed_entity_codes
 from ..nn.vq import KGVQCodebook
 from ..ternary.optimizer import TernaryOptimizer, UpdateRule
-from .checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
+from ..train.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class KGTrainConfig:
     batch_size: int = 1024  # training triples per optimizer step
     dim: int = 64  # entity / relation row width (= KG code dim when a codebook is used)
     negatives: int = 256  # shared uniformly drawn negatives per step; 0 scores every entity (1-N)
-    score: str = "distmult"  # "distmult" or "complex" (see graph/kg_scorer.py)
+    score: str = "distmult"  # "distmult" or "complex" (see kg/scorer.py)
     logit_scale: float | None = None  # logits = logit_scale · φ; None: 2 / sqrt(dim)
     threshold: int = 8  # θ at step 0: |T_accum| that makes a trit step
     threshold_final: int | None = 16  # θ at the last step, ramped linearly (None: constant θ)

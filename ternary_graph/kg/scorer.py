@@ -26,7 +26,7 @@ with probability ``min(1, |g| / (c · mean|g|))`` (``c = vote_sampling_c``) and 
 rest, so a trit's expected vote follows the size of its gradient (an unbiased-up-to-scale
 sign estimate, like stochastic rounding to {-1, 0, 1}); without it the many entities that
 get a tiny gradient from every query vote as loudly as the few that matter. Measured on the
-stdlib KG it helps with 1024 negatives but not with the default 256 (train/kg_task.py).
+stdlib KG it helps with 1024 negatives but not with the default 256 (kg/task.py).
 
 KG VQ. With a :class:`~ternary_graph.nn.vq.KGVQCodebook` (``kg_codebook=``, of the same
 ``dim``) every entity vector maps to its nearest code (:meth:`entity_codes`), the codebook
@@ -51,7 +51,7 @@ from ..kernels.vq_search import nearest_codes
 from ..nn.embedding import TernaryEmbeddingTable
 from ..nn.factory import check_weights, make_embedding
 from ..nn.vq import KGVQCodebook
-from .kg import KnowledgeGraph
+from .graph import KnowledgeGraph
 
 SCORE_FUNCTIONS: tuple[str, ...] = ("distmult", "complex")
 VOTE_SAMPLINGS: tuple[str, ...] = ("sign", "proportional")
@@ -274,7 +274,7 @@ class TernaryKGScorer(nn.Module):
         return self._decode(self.relations, torch.arange(self.num_relations, device=self.device), dtype)
 
     def score_fn(self, *, quantized: bool = False):
-        """A broadcasting ``score(h, r, t) -> φ`` for :func:`~ternary_graph.graph.kg_metrics.filtered_ranks`.
+        """A broadcasting ``score(h, r, t) -> φ`` for :func:`~ternary_graph.kg.metrics.filtered_ranks`.
 
         The entity (or, with ``quantized``, code) vectors are decoded once, now; the
         returned function keeps them, so call this again after training further.
