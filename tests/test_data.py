@@ -172,6 +172,26 @@ def test_prepare_is_deterministic_and_cache_reused_then_rebuilt(tmp_path: pathli
     assert prepare_corpus(files, tmp_path / "a", val_fraction=0.5).fingerprint != rebuilt.fingerprint
 
 
+def test_cache_is_keyed_on_content_not_name_size_mtime(tmp_path: pathlib.Path):
+    # Two corpora at the same path whose files share name, size and mtime but not bytes: the
+    # second must not reuse the first one's prepared bytes.
+    root = tmp_path / "src"
+    root.mkdir()
+    a, b = root / "a.txt", root / "b.txt"
+    a.write_text("first version of the text\n" * 20)
+    b.write_text("another file in the corpus\n" * 20)
+    cache_root = tmp_path / "cache"
+    first = prepare_corpus([a, b], default_cache_dir(corpus_fingerprint([a, b], 0.5), cache_root), 0.5)
+    st = a.stat()
+    a.write_text("FIRST VERSION of the text\n" * 20)  # same size
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (a.stat().st_size, a.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    second = prepare_corpus([a, b], default_cache_dir(corpus_fingerprint([a, b], 0.5), cache_root), 0.5)
+    assert second.fingerprint != first.fingerprint
+    assert b"FIRST VERSION" in second.train_path.read_bytes()
+    assert b"first version" not in second.train_path.read_bytes()
+
+
 def test_prepare_rebuilds_damaged_cache(tmp_path: pathlib.Path):
     files = collect_text_files(_copy_package("json", tmp_path / "src"))
     prep = prepare_corpus(files, tmp_path / "c")
