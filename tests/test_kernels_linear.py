@@ -62,7 +62,7 @@ def _paths(m: int) -> list[str]:
     return common + ["gemv_lut", "gemv_fma"] if m == 1 else common
 
 
-BACKWARD_PATHS = ["dot", "plane", "dequant"]
+BACKWARD_PATHS = ["dot", "plane", "dequant", "cublas"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,7 +157,11 @@ def _expected_votes(T0, Ea0, grad, x, packed, E, k, magnitude):
     t_decided = dW.abs() > 1e-4 * bound
     esum = (dW * trits).sum(1)
     Ea_exp = (Ea0.cpu().int() + torch.sign(esum).int() * magnitude).clamp(-127, 127).to(torch.int8)
-    e_decided = esum.abs() > 1e-4 * (bound * trits.abs()).sum(1)
+    e_bound = (bound * trits.abs()).sum(1)
+    # The "cublas" path rounds each dW element to the 16-bit dtype before summing Σ dW·T
+    # (relative error <= 2^-8 per element): its E votes are decided only past that margin.
+    rounding = 2.0**-7 if x.dtype in (torch.bfloat16, torch.float16) else 1e-4
+    e_decided = esum.abs() > rounding * e_bound
     return T_exp, t_decided, Ea_exp, e_decided
 
 

@@ -44,8 +44,9 @@ def _random_edges(moe: MoEGraph, gen: torch.Generator, fill: float = 0.7):
 def reference_forward(moe: MoEGraph, x2: torch.Tensor, codes: torch.Tensor):
     """Loop over tokens with dequantised float weights as leaves; returns the output and leaves."""
     C = moe.centroids.weight.dequantize().requires_grad_()
-    W1 = [e.gate_up.weight.dequantize().requires_grad_() for e in moe.experts]
-    W2 = [e.down.weight.dequantize().requires_grad_() for e in moe.experts]
+    gu, down = moe.experts.gate_up, moe.experts.down
+    W1 = [gu.weight.dequantize()[gu.group_rows(e)].requires_grad_() for e in range(moe.num_experts)]
+    W2 = [down.weight.dequantize()[down.group_rows(e)].requires_grad_() for e in range(moe.num_experts)]
     src, dst, attr, score = (t.tolist() for t in moe.active_edges())
     bias = moe.load_bias.float() * moe.rule.load_unit
     H, k, m = moe.expert_hidden, moe.top_k, moe.centroid_candidates
@@ -108,8 +109,9 @@ def test_forward_backward_matches_loop_reference(mode):
     # -sign(∂L/∂bonus) summed per (code, expert).
     _sign_agrees(moe.centroids.weight.T_accum, C.grad)
     for e in set(routing.expert.tolist()):
-        _sign_agrees(moe.experts[e].gate_up.weight.T_accum, W1[e].grad)
-        _sign_agrees(moe.experts[e].down.weight.T_accum, W2[e].grad)
+        gu, down = moe.experts.gate_up, moe.experts.down
+        _sign_agrees(gu.weight.T_accum[gu.group_rows(e)], W1[e].grad)
+        _sign_agrees(down.weight.T_accum[down.group_rows(e)], W2[e].grad)
     ref_votes: dict[tuple[int, int], int] = {}
     for (c, e), g in zip(pairs, torch.cat([b.grad for b in bonus_leaves]).tolist()):
         ref_votes[(c, e)] = ref_votes.get((c, e), 0) - (g > 0) + (g < 0)
@@ -322,8 +324,10 @@ def _train_routing(moe: MoEGraph, X, codes, teacher_of_token, steps: int = 150):
         target = torch.zeros_like(X)
         for e in range(moe.num_experts):
             m = teacher_of_token == e
-            if m.any():
-                target[m] = teacher[e](X[m])
+            if m.any():  # expert e alone: all rows in group e
+                offsets = torch.full((moe.num_experts,), int(m.sum()), dtype=torch.int32)
+                offsets[:e] = 0
+                target[m] = teacher(X[m], offsets)
     opt = TernaryOptimizer([moe.centroids.weight], UpdateRule(threshold=16))
     gen = torch.Generator().manual_seed(1)
 
@@ -471,7 +475,7 @@ def test_torch_compile_matches_eager():
     codes = torch.randint(0, 30, (20,), generator=gen)
 
     def run(fn):
-        for s in (moe.centroids.weight, *[lin.weight for e in moe.experts for lin in (e.gate_up, e.down)]):
+        for s in (moe.centroids.weight, moe.experts.gate_up.weight, moe.experts.down.weight):
             s.T_accum.zero_()
             s.E_accum.zero_()
         xi = x.clone().requires_grad_()

@@ -123,13 +123,20 @@ def test_dispatch_combine_matches_loop():
     expert = torch.stack([torch.randperm(E - 1, generator=gen)[:k] for _ in range(T)]).reshape(-1)  # expert E-1 idle
     gate = torch.rand(T * k, generator=gen)
     calls = []
-    counted = [lambda z, f=f, e=e: calls.append(e) or f(z) for e, f in enumerate(fns)]
-    y = dispatch_combine(x, token, expert, gate, counted)
+
+    def grouped(xs, offsets):  # a grouped layer: rows of expert e are offsets[e-1]..offsets[e]
+        calls.append(offsets.clone())
+        ends = offsets.tolist()
+        return torch.cat([fns[e](xs[a:b]) for e, (a, b) in enumerate(zip([0] + ends[:-1], ends))])
+
+    y = dispatch_combine(x, token, expert, gate, grouped, E)
     ref = torch.zeros(T, 4)
     for p in range(T * k):
         ref[token[p]] += gate[p] * (x[token[p]] @ mats[expert[p]])
     torch.testing.assert_close(y, ref)
-    assert sorted(calls) == sorted(set(expert.tolist()))  # each busy expert exactly once, idle never
+    assert len(calls) == 1  # all experts in one call
+    counts = torch.bincount(expert, minlength=E)
+    assert torch.equal(calls[0], counts.cumsum(0).to(torch.int32)) and counts[E - 1] == 0
 
 
 def test_pair_votes_and_aggregation():

@@ -13,7 +13,8 @@ Persistent state (all integer; ``state_dict()`` has no floating-point tensor):
 buffer              dtype   shape                  meaning
 =================== ======= ====================== =============================================
 centroids.weight.*  (ternary state of a TernaryEmbeddingTable(num_experts, dim))
-experts.i.*         (ternary states of TernarySwiGLU expert i)
+experts.gate_up.*   (one ternary state: the stacked (E·2·hidden, dim) gate/up matrices)
+experts.down.*      (one ternary state: the stacked (E·dim, hidden) down matrices)
 load_bias           int8    (num_experts,)         selection bias, nudged by load-deviation sign
 dense mode:
 edge_index          int32   (2, codebook·fanout)   code → expert, ``fanout`` per code, sorted
@@ -40,10 +41,9 @@ in ``train()`` mode.
 
 torch.compile: the layer compiles and matches eager (outputs, input gradients, votes and
 accumulators; ``backend='aot_eager'`` in the tests, inductor checked by hand on CPU), with
-graph breaks. Two are MoEGraph's own and inherent: ``dispatch_combine`` reads the per-expert
-token counts on the host (``bincount(...).tolist()``: slice sizes must be Python ints to run
-each expert on a contiguous slice), and the vote backward aggregates pairs with
-``torch.unique`` (data-dependent output shape). The others come from the ternary layers it
+graph breaks. MoEGraph's own is the vote backward, which aggregates pairs with
+``torch.unique`` (data-dependent output shape); the experts run in one grouped call whose
+per-expert offsets stay on the device. The others come from the ternary layers it
 uses: ``TernaryEmbeddingTable.check_ids`` (boolean-mask indexing), ``check_packed``
 (``int(packed.max())``) and ``grad_anchor`` (a ``requires_grad`` tensor created inside the
 graph). The input range check of ``forward`` is skipped while compiling.
@@ -60,7 +60,7 @@ from torch import nn
 from torch_geometric.data import HeteroData
 
 from ..nn.embedding import TernaryEmbeddingTable
-from ..nn.ffn import TernarySwiGLU
+from ..nn.ffn import GroupedSwiGLU
 from ..ternary.state import default_row_scale
 from . import export
 from .routing import (
@@ -126,7 +126,7 @@ class MoEGraph(nn.Module):
     Args:
         dim: token width (input and output).
         num_experts: number of experts E.
-        expert_hidden: hidden width of each TernarySwiGLU expert.
+        expert_hidden: hidden width of each SwiGLU expert (all experts: one GroupedSwiGLU).
         codebook_size: number of codes in the shared VQ codebook the code ids come from.
         top_k: experts routed per token.
         fanout: most edges out of one code (dense mode: exactly this many per code).
@@ -210,10 +210,8 @@ class MoEGraph(nn.Module):
         self.centroids = TernaryEmbeddingTable(num_experts, dim, zero_fraction=zero_fraction,
                                                init_scale=default_row_scale(dim, nonzero), device=device,
                                                generator=generator)
-        self.experts = nn.ModuleList(
-            TernarySwiGLU(dim, expert_hidden, weights=weights, zero_fraction=zero_fraction, device=device,
-                          generator=generator)
-            for _ in range(num_experts))
+        self.experts = GroupedSwiGLU(num_experts, dim, expert_hidden, weights=weights, zero_fraction=zero_fraction,
+                                     device=device, generator=generator)
         self.register_buffer("load_bias", torch.zeros(num_experts, dtype=torch.int8, device=device))
         if mode == "dense":
             self.register_buffer("edge_index", torch.empty(2, full, dtype=torch.int32, device=device))
@@ -393,7 +391,7 @@ class MoEGraph(nn.Module):
         x2 = x.reshape(-1, self.dim)
         codes = code_ids.reshape(-1).long()
         plan = self.route(x2, codes)
-        out = dispatch_combine(x2, plan.token, plan.expert, plan.gate, self.experts)
+        out = dispatch_combine(x2, plan.token, plan.expert, plan.gate, self.experts, self.num_experts)
         self._last_routing = Routing(token=plan.token, expert=plan.expert, gate=plan.gate.detach().float(),
                                      via_edge=plan.via_edge, code=codes.index_select(0, plan.token),
                                      num_tokens=x2.shape[0], num_experts=self.num_experts)

@@ -12,9 +12,9 @@ what these functions return back into them. The pieces, in the order a step uses
 3. **Gates.** ``torch_geometric.utils.softmax`` over each token's routed experts of
    ``centroid score + edge bonus``. The load bias steers selection only, never the gate
    values (as in auxiliary-loss-free balancing), so it does not distort the outputs.
-4. **Dispatch / combine.** Pairs are sorted by expert, every expert runs once on its
-   contiguous slice, and ``torch_geometric.utils.scatter(reduce='sum')`` adds the gated
-   outputs back per token.
+4. **Dispatch / combine.** Pairs are sorted by expert, all experts run in one grouped call
+   on the sorted rows (offsets stay on the device), and
+   ``torch_geometric.utils.scatter(reduce='sum')`` adds the gated outputs back per token.
 5. **Votes.** The edge bonus of each routed pair enters the gate logit through
    :class:`EdgeVoteFunction` (``centroid score + bonus``), whose backward receives
    ``∂L/∂logit`` of every pair and turns it into the int32 vote ``-sign(∂L/∂logit)``
@@ -38,7 +38,7 @@ confirmed edge outweighs typical centroid differences without making them irrele
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch_geometric.utils import scatter, softmax
@@ -192,34 +192,35 @@ def gate_softmax(logits: torch.Tensor, token: torch.Tensor, num_tokens: int) -> 
     return softmax(logits, token, num_nodes=num_tokens)
 
 
-def dispatch_combine(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor,
-                     experts: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
-    """``y[t] = Σ_{pairs p of t} gate[p] · experts[expert[p]](x[t])``.
+def expert_offsets(expert_sorted: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) int32 cumulative pair counts of expert-sorted pairs: expert e owns rows
+    ``offsets[e-1] .. offsets[e] - 1`` (a device tensor: no host sync).
 
-    Pairs are sorted by expert once; each expert runs on its contiguous slice, so there is one
-    host sync (the per-expert counts) per call, not one per expert. Experts with no token are
-    not called.
+    Shapes: expert_sorted (P,) int64, non-decreasing -> (E,) int32
+    """
+    bounds = torch.arange(num_experts, device=expert_sorted.device, dtype=expert_sorted.dtype)
+    return torch.searchsorted(expert_sorted, bounds, right=True).to(torch.int32)
+
+
+def dispatch_combine(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, gate: torch.Tensor,
+                     experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], num_experts: int) -> torch.Tensor:
+    """``y[t] = Σ_{pairs p of t} gate[p] · experts_e(x[t])`` with ``e = expert[p]``.
+
+    Pairs are sorted by expert once; ``experts(xs, offsets)`` runs every expert on its rows of
+    the sorted copy in one call (a grouped layer, e.g. :class:`~ternary_graph.nn.GroupedSwiGLU`),
+    with ``offsets`` the (E,) cumulative counts on the device; a PyG scatter adds the gated
+    outputs back per token. Nothing here reads a device value on the host.
 
     Shapes:
         x: (T, D_in); token, expert: (P,) int64; gate: (P,) float
         returns: (T, D_out), dtype of the expert outputs
     """
-    num_tokens = x.shape[0]
     order = torch.argsort(expert, stable=True)
     tok_sorted = token.index_select(0, order)
-    counts = torch.bincount(expert, minlength=len(experts)).tolist()
-    xs = x.index_select(0, tok_sorted)
-    pieces = []
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            pieces.append(experts[e](xs[start:start + n]))
-            start += n
-    if not pieces:
-        return x.new_zeros(num_tokens, x.shape[1])
-    ys = torch.cat(pieces, dim=0)
+    offsets = expert_offsets(expert.index_select(0, order), num_experts)
+    ys = experts(x.index_select(0, tok_sorted), offsets)
     ys = ys * gate.index_select(0, order).to(ys.dtype)[:, None]
-    return scatter(ys, tok_sorted, dim=0, dim_size=num_tokens, reduce="sum")
+    return scatter(ys, tok_sorted, dim=0, dim_size=x.shape[0], reduce="sum")
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,12 +46,18 @@ from .ternary_linear import linear_backward_reference, linear_forward_reference,
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FORWARD_PATHS = ("auto", "gemv_lut", "gemv_fma", "dot", "gemm", "dequant")
-BACKWARD_PATHS = ("auto", "dot", "plane", "dequant")
+BACKWARD_PATHS = ("auto", "dot", "plane", "dequant", "cublas")
 SMALL_M = 16  # M at or below which the backward uses the skinny five-accumulator kernels
 # Which M = 1 kernel "auto" takes; chosen from the measurements in docs/kernels.md.
 DEFAULT_GEMV = "gemv_fma"
 GEMV_FMA_CONFIG = dict(BN=8, BKB=128, warps=2)  # best of the sweep in docs/kernels.md
 VOTES_CONFIG = dict(BN=64, BJ=128, BM=64, warps=4, stages=4)  # best of the sweep in docs/kernels.md
+# Transient dW workspace of the "cublas" votes path, in elements: dW is computed by cuBLAS (or
+# torch._grouped_mm for stacked experts) in row chunks of at most this many elements, and each
+# chunk is turned into votes by _dw_votes_kernel before the next one is computed. 32M elements
+# are 64 MiB in bf16 (128 MiB in fp32), whatever the size of the matrix (docs/memory.md).
+DW_CHUNK_ELEMENTS = 1 << 25
+DW_VOTES_CONFIG = dict(BR=4, BC=256, warps=4)
 # From this M on, "auto" forward takes the dense workspace + torch matmul (0.79-0.87x bf16 at
 # M = 4096, against 0.19-0.24x for the fused plane GEMM); below it the fused "dot" kernel, whose
 # cost grows with M/16 weight decodes. The crossover is estimated from the M = 1 and M = 4096
@@ -446,6 +452,43 @@ def _dequant_kernel(p_ptr, e_ptr, w_ptr, N, K, stride_pn, stride_wn, BN: tl.cons
              mask=n_mask & c_ok)
 
 
+@triton.jit(do_not_specialize=["R", "K", "rows_per_group", "group_rows", "row0", "magnitude"])
+def _dw_votes_kernel(dw_ptr, p_ptr, t_ptr, ea_ptr, R, K, stride_dw, stride_pn, stride_tn,
+                     rows_per_group, group_rows, row0, magnitude, BR: tl.constexpr, BC: tl.constexpr):
+    """Votes of a dense dW chunk: the epilogue of a cuBLAS / grouped-GEMM weight gradient.
+
+    Chunk row ``i`` is state row ``(i // rows_per_group) · group_rows + row0 + i % rows_per_group``
+    (one matrix: rows_per_group = R, group_rows = 0; G stacked experts: rows n0..n1 of each).
+    Each program owns BR whole rows: it adds ``±magnitude`` to T_accum (saturating, NaN/Inf
+    cast none) and, having seen every column, casts the row-scale vote sign(Σ_k dW·T) into
+    E_accum itself, so no second pass and no atomics are needed.
+    """
+    offs_i = tl.program_id(0) * BR + tl.arange(0, BR)
+    i_ok = offs_i < R
+    row = (offs_i // rows_per_group) * group_rows + row0 + offs_i % rows_per_group
+    row64 = row.to(tl.int64)
+    offs_c = tl.arange(0, BC)
+    esum = tl.zeros((BR,), dtype=tl.float32)
+    for c0 in range(0, K, BC):
+        c = c0 + offs_c
+        mask = i_ok[:, None] & (c[None, :] < K)
+        g = tl.load(dw_ptr + offs_i[:, None].to(tl.int64) * stride_dw + c[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        j = c // 5
+        b = tl.load(p_ptr + row64[:, None] * stride_pn + j[None, :], mask=mask, other=121).to(tl.int32)
+        w = _plane_trit(b, _plane_divisor_magic(c - 5 * j)[None, :])
+        finite = tl.abs(g) <= _FLT_MAX  # False for NaN and ±Inf: those cast no vote
+        vote = tl.where(finite & (g > 0), magnitude, tl.where(finite & (g < 0), -magnitude, 0))
+        t_ptrs = t_ptr + row64[:, None] * stride_tn + c[None, :]
+        old = tl.load(t_ptrs, mask=mask, other=0).to(tl.int32)
+        tl.store(t_ptrs, tl.minimum(tl.maximum(old + vote, -127), 127).to(tl.int8), mask=mask)
+        esum += tl.sum(tl.where(mask, g * w, 0.0), axis=1)  # a NaN/Inf dW makes the row's sum cast no vote
+    e_ok = tl.abs(esum) <= _FLT_MAX
+    e_vote = tl.where(e_ok & (esum > 0), magnitude, tl.where(e_ok & (esum < 0), -magnitude, 0))
+    old_e = tl.load(ea_ptr + row64, mask=i_ok, other=0).to(tl.int32)
+    tl.store(ea_ptr + row64, tl.minimum(tl.maximum(old_e + e_vote, -127), 127).to(tl.int8), mask=i_ok)
+
+
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
@@ -512,6 +555,51 @@ def dequantize_triton(packed: torch.Tensor, E: torch.Tensor, in_features: int, d
                                                                            packed.stride(0), w.stride(0), BN=BN,
                                                                            BC=BC, num_warps=4)
     return w
+
+
+def dw_votes_(dw: torch.Tensor, packed: torch.Tensor, T_accum: torch.Tensor, E_accum: torch.Tensor,
+              vote_magnitude: int, *, rows_per_group: int, group_rows: int = 0, row0: int = 0) -> None:
+    """Cast the votes of a dense dW chunk into the state rows it stands for (see ``_dw_votes_kernel``).
+
+    Shapes: dw (R, K) float, row-major; packed (rows, ceil(K/5)) uint8; T_accum (rows, K) int8;
+    E_accum (rows,) int8. Chunk row i is state row (i // rows_per_group)·group_rows + row0 +
+    i % rows_per_group.
+    """
+    R, K = dw.shape
+    if R == 0 or K == 0:
+        return
+    if dw.stride(1) != 1:
+        raise ValueError(f"dw must be row-major, got strides {dw.stride()}")
+    cfg = DW_VOTES_CONFIG
+    _dw_votes_kernel[(triton.cdiv(R, cfg["BR"]),)](dw, packed, T_accum, E_accum, R, K, dw.stride(0),
+                                                    packed.stride(0), T_accum.stride(0), rows_per_group,
+                                                    group_rows, row0, vote_magnitude, BR=cfg["BR"], BC=cfg["BC"],
+                                                    num_warps=cfg["warps"])
+
+
+def dw_chunk_rows(rows: int, cols: int) -> int:
+    """Rows per dW chunk: at most DW_CHUNK_ELEMENTS elements, a multiple of 8 (so that column
+    slices of a 16-bit gradient stay 16-byte aligned, as torch._grouped_mm requires)."""
+    per_chunk = max(8, (DW_CHUNK_ELEMENTS // max(cols, 1)) // 8 * 8)
+    return min(rows, per_chunk)
+
+
+def cublas_votes_(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tensor, T_accum: torch.Tensor,
+                  E_accum: torch.Tensor, vote_magnitude: int) -> None:
+    """Votes of ``dW = gradᵀ·x`` computed by cuBLAS in row chunks, each turned into votes at once.
+
+    The transient workspace is one (chunk, K) tensor in x's dtype, chunk·K <= DW_CHUNK_ELEMENTS;
+    no dW of the whole matrix ever exists. cuBLAS accumulates in fp32 and rounds to x's dtype,
+    which keeps the sign: T votes equal sign(dW) of the fp32 product wherever it is not a tie.
+    """
+    M, K = x2d.shape
+    N = grad2d.shape[1]
+    chunk = dw_chunk_rows(N, K)
+    workspace = torch.empty(chunk, K, dtype=x2d.dtype, device=x2d.device)
+    for n0 in range(0, N, chunk):
+        r = min(chunk, N - n0)
+        dw = torch.mm(grad2d[:, n0:n0 + r].t(), x2d, out=workspace[:r])
+        dw_votes_(dw, packed, T_accum, E_accum, vote_magnitude, rows_per_group=r, row0=n0)
 
 
 def forward_triton(x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, in_features: int, *,
@@ -596,9 +684,10 @@ def backward_triton(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tenso
         T_accum: (N, K) int8 (updated in place), E_accum: (N,) int8 (updated in place)
         returns: grad_input (M, K) in x2d.dtype, or None when ``needs_input_grad`` is False
     ``out``: optional (M, K) contiguous buffer for grad_input.
-    ``path``: "auto" (M <= 16: "dot", else "dequant"), "dot" (five plane accumulators, x read in
-    place), "plane" (plane-major copy of x, one dot per step) or "dequant" (grad_input through a
-    dense workspace and torch matmul; votes as "plane"). Votes never leave registers as floats.
+    ``path``: "auto" (M <= 16: "dot", else "cublas"), "dot" (five plane accumulators, x read in
+    place), "plane" (plane-major copy of x, one dot per step), "dequant" (grad_input through a
+    dense workspace and torch matmul; votes as "plane") or "cublas" (grad_input as "dequant"; dW
+    by cuBLAS in bounded row chunks, each cast into votes by ``_dw_votes_kernel``).
     ``config``: optional block sizes of the plane votes kernel (BN, BJ, BM, warps, stages).
     """
     _check_linear_args(x2d, packed, E, in_features)
@@ -629,7 +718,12 @@ def backward_triton(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tenso
             grad_input.zero_()
         return grad_input
     if path == "auto":  # the plane grad_input kernel is slower than workspace + matmul at every M measured
-        path = "dot" if M <= SMALL_M else "dequant"
+        path = "dot" if M <= SMALL_M else "cublas"
+    if path == "cublas":
+        if needs_input_grad:
+            torch.matmul(grad2d, dequantize_triton(packed, E, K, x2d.dtype), out=grad_input)
+        cublas_votes_(grad2d, x2d, packed, T_accum, E_accum, vote_magnitude)
+        return grad_input
     esum = torch.zeros(N, dtype=torch.float32, device=x2d.device)
     if path == "dot":
         if needs_input_grad:

@@ -19,6 +19,7 @@ import torch
 TRITS_PER_BYTE = 5
 MAX_PACKED_BYTE = 3**TRITS_PER_BYTE - 1  # 242
 _POWERS_OF_THREE = (1, 3, 9, 27, 81)
+ZERO_BYTE = 121  # the byte of five zero trits: Σ (0 + 1)·3^i
 
 
 def packed_cols(cols: int) -> int:

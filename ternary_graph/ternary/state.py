@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .packing import packed_cols, random_packed, unpack_trits
+from .packing import ZERO_BYTE, packed_cols, random_packed, unpack_trits
 
 E_STEP = 4
 E_MIN, E_MAX = -127, 127
@@ -77,6 +77,7 @@ class TernaryState(nn.Module):
         zero_fraction: float | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        draw: bool = True,
     ) -> None:
         super().__init__()
         for arg, value in (("rows", rows), ("cols", cols)):
@@ -94,7 +95,14 @@ class TernaryState(nn.Module):
         self.register_buffer("E", torch.empty(rows, dtype=torch.int8, device=device))
         self.register_buffer("T_accum", torch.empty(rows, cols, dtype=torch.int8, device=device))
         self.register_buffer("E_accum", torch.empty(rows, dtype=torch.int8, device=device))
-        self.reset_parameters(generator)
+        if draw:
+            self.reset_parameters(generator)
+        else:  # the owner draws the trits itself, block by block (see reset_rows)
+            if self.packed.device.type != "meta":
+                self.packed.fill_(ZERO_BYTE)
+                self.E.fill_(scale_to_exponent(self.init_scale))
+                self.T_accum.zero_()
+                self.E_accum.zero_()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Redraw the trits packed-first, reset the scales and zero the accumulators."""
@@ -105,6 +113,19 @@ class TernaryState(nn.Module):
         self.E.fill_(scale_to_exponent(self.init_scale))
         self.T_accum.zero_()
         self.E_accum.zero_()
+
+    def reset_rows(self, start: int, stop: int, generator: torch.Generator | None = None) -> None:
+        """Redraw rows ``start .. stop - 1`` as :meth:`reset_parameters` draws a whole state (a
+        stack of expert matrices draws expert by expert, in the order separate layers would)."""
+        if not 0 <= start <= stop <= self.rows:
+            raise ValueError(f"rows {start}..{stop} must lie in 0..{self.rows}")
+        if self.packed.device.type == "meta" or stop == start:
+            return
+        self.packed[start:stop] = random_packed(stop - start, self.cols, zero_fraction=self.zero_fraction,
+                                                generator=generator, device=self.packed.device)
+        self.E[start:stop] = scale_to_exponent(self.init_scale)
+        self.T_accum[start:stop] = 0
+        self.E_accum[start:stop] = 0
 
     # --- sparse bookkeeping ---------------------------------------------------------------
     def mark_touched_rows(self, rows: torch.Tensor) -> None:
