@@ -23,9 +23,10 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..graph.moegraph import MoEGraph
-from ..nn.attention import CausalSelfAttention, rms_norm
+from ..nn.attention import CausalSelfAttention, KVCache, rms_norm
 from ..nn.factory import check_weights, make_embedding, make_linear
 from ..nn.vq import KGVQCodebook, TernaryVQCodebook
+from . import generate as _generation
 
 
 @dataclass
@@ -55,8 +56,9 @@ class Block(nn.Module):
                             top_k=cfg.top_k, fanout=cfg.fanout, capacity=capacity, weights=weights,
                             device=device, generator=generator)
 
-    def forward(self, x: torch.Tensor, code_ids: torch.Tensor | None, vq: TernaryVQCodebook):
-        x = x + self.attn(rms_norm(x))
+    def forward(self, x: torch.Tensor, code_ids: torch.Tensor | None, vq: TernaryVQCodebook,
+                cache: KVCache | None = None):
+        x = x + self.attn(rms_norm(x), cache)
         h = rms_norm(x)
         aux = x.new_zeros(())
         if self.vq_proj is not None:
@@ -110,16 +112,25 @@ class TernaryGraphLM(nn.Module):
         self.head = CompositeHead(cfg, weights, device, generator)
         self._last_graph_updates: list = []  # transient: what the last update_graph() did, per layer
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
-        """Shapes: ids (B, T) int64/int32 bytes, targets (B, T) or None."""
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: list[KVCache] | None = None) -> ModelOutput:
+        """Shapes: ids (B, T) int64/int32 bytes, targets (B, T) or None.
+
+        With ``kv_cache`` (from :meth:`new_kv_cache`), ``ids`` are the T positions after the
+        cached prefix; the caches are extended in place. Everything but attention is
+        position-local, so each new token is quantised and routed exactly as in a full forward.
+        """
         if ids.dim() != 2:
             raise ValueError(f"ids must have shape (batch, seq_len), got {tuple(ids.shape)}")
-        if ids.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {ids.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
+        if kv_cache is not None and len(kv_cache) != len(self.blocks):
+            raise ValueError(f"kv_cache must hold one KVCache per block ({len(self.blocks)}), got {len(kv_cache)}")
+        cached = 0 if kv_cache is None else kv_cache[0].length
+        if cached + ids.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {cached + ids.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(ids)
         code_ids, aux = None, x.new_zeros(())
-        for block in self.blocks:
-            x, code_ids, block_aux = block(x, code_ids, self.shared_vq)
+        for i, block in enumerate(self.blocks):
+            x, code_ids, block_aux = block(x, code_ids, self.shared_vq, None if kv_cache is None else kv_cache[i])
             aux = aux + block_aux
         hidden = rms_norm(x)
         logits = self.head(hidden)
@@ -128,6 +139,19 @@ class TernaryGraphLM(nn.Module):
             out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
             out.loss = out.lm_loss + aux
         return out
+
+    def new_kv_cache(self, batch_size: int = 1) -> list[KVCache]:
+        """One empty :class:`KVCache` per block, preallocated to ``max_seq_len`` positions."""
+        device = next(self.buffers()).device
+        return [KVCache.empty(batch_size, self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.head_dim,
+                              dtype=torch.float32, device=device) for _ in self.blocks]
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None) -> torch.Tensor:
+        """Continue ``ids`` (B, T) by ``max_new_tokens`` sampled bytes with a KV cache; returns
+        (B, T + max_new_tokens). See :func:`ternary_graph.models.generate.generate`."""
+        return _generation.generate(self, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=seed)
 
     def kg_scores(self, hidden: torch.Tensor, relation_ids: torch.Tensor, candidate_codes: torch.Tensor) -> torch.Tensor:
         """Score KG candidates (ids into the KG codebook) for each hidden state and relation."""
