@@ -1,4 +1,4 @@
-"""``ternary-graph``: trace | train | eval | viz."""
+"""``ternary-graph``: trace | train | eval | generate | viz."""
 
 from __future__ import annotations
 
@@ -112,7 +112,148 @@ def _train(args: argparse.Namespace) -> int:
     print(f"  validation loss     {s.val_loss_nats:.4f} nats/byte = {s.val_bits_per_byte:.4f} bits/byte")
     print(f"  unigram baseline    {s.unigram_bits_per_byte:.4f} bits/byte")
     print(f"  run folder          {s.run_dir}  (metrics.jsonl, loss.png, routing.png, checkpoints)")
+    if not s.interrupted:
+        _print_sample(cfg, s.run_dir)
     return 130 if s.interrupted else 0
+
+
+SAMPLE_PROMPT_BYTES = 48  # validation bytes that prompt the post-training sample
+SAMPLE_NEW_BYTES = 64  # bytes the post-training sample writes: ~2 s for tiny on one CPU core
+SAMPLE_TEMPERATURE = 0.8  # seeded sampling: greedy decoding of a young model mostly repeats one byte
+
+
+def validation_prompt(data, length: int) -> bytes:
+    """``length`` bytes of the validation text from the line start after its middle (the
+    same prompt for every run on the same corpus)."""
+    middle = len(data) // 2
+    tail = bytes(data[middle:middle + 4096])
+    start = middle + tail.find(b"\n") + 1 if b"\n" in tail else middle
+    start = min(start, max(0, len(data) - length))
+    return bytes(data[start:start + length])
+
+
+def _print_sample(cfg, run_dir: str) -> None:
+    """A short continuation of a validation prompt by the final checkpoint: what the model writes."""
+    import time
+    import torch
+    from .train.loop import load_model_from_checkpoint, prepare_data
+    device = _generate_device(cfg.device)
+    model, _, _, _ = load_model_from_checkpoint(run_dir, device=device)
+    _, val, _ = prepare_data(cfg)
+    limit = model.cfg.max_seq_len
+    prompt = validation_prompt(val.data, min(SAMPLE_PROMPT_BYTES, limit // 2))
+    new = min(SAMPLE_NEW_BYTES, limit - len(prompt))
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    t0 = time.perf_counter()
+    out = model.generate(ids, new, temperature=SAMPLE_TEMPERATURE, seed=cfg.seed)
+    seconds = time.perf_counter() - t0
+    written = bytes(out[0, len(prompt):].tolist())
+    print(f"  sample              {new} bytes, temperature {SAMPLE_TEMPERATURE}, seed {cfg.seed} ({seconds:.1f} s)")
+    print(f"    prompt            {prompt.decode('utf-8', errors='replace')!r}")
+    print(f"    continuation      {written.decode('utf-8', errors='replace')!r}")
+
+
+GENERATE_FLAGS = ("--max-new-bytes", "--temperature", "--top-k", "--top-p")
+
+
+def _read_prompt(args: argparse.Namespace) -> tuple[bytes, str]:
+    """The prompt bytes and how to name them in errors."""
+    if args.prompt_file is not None:
+        name = f"--prompt-file {args.prompt_file!r}"
+        try:
+            with open(args.prompt_file, "rb") as f:
+                prompt = f.read()
+        except OSError as exc:
+            raise ValueError(f"{name}: cannot read it ({exc.strerror or exc})") from exc
+    else:
+        # surrogateescape gives back the exact bytes of a non-UTF-8 command-line argument.
+        name, prompt = "--prompt", args.prompt.encode("utf-8", errors="surrogateescape")
+    if not prompt:
+        raise ValueError(f"{name} is empty; the model needs at least one byte to continue")
+    return prompt, name
+
+
+def _check_prompt_fits(prompt: bytes, name: str, max_new: int, max_seq_len: int) -> None:
+    """Prompt and new bytes must fit in the model's context: an error up front, no sliding window."""
+    if len(prompt) >= max_seq_len:
+        raise ValueError(f"{name} has {len(prompt)} bytes; the model's max_seq_len is {max_seq_len}, so a prompt "
+                         f"may have at most {max_seq_len - 1} bytes")
+    if len(prompt) + max_new > max_seq_len:
+        raise ValueError(f"--max-new-bytes {max_new} after a {len(prompt)}-byte prompt exceeds the model's "
+                         f"max_seq_len={max_seq_len}; at most {max_seq_len - len(prompt)} new bytes fit")
+
+
+def _generate_device(device: str) -> str:
+    """``auto`` (CUDA when available, else CPU) resolved, others checked; the name to build on."""
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
+    return device
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import codecs
+    import time
+    import torch
+    from .models.generate import check_sampling_args, decode_stream
+    from .train.loop import load_model_from_checkpoint
+    check_sampling_args(args.max_new_bytes, args.temperature, args.top_k, args.top_p, names=GENERATE_FLAGS)
+    prompt, name = _read_prompt(args)
+    device = _generate_device(args.device)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, _, _, _ = load_model_from_checkpoint(args.checkpoint, device=device)
+    except (KeyError, TypeError) as exc:  # e.g. a `train --task kg` run: a checkpoint, but of no LM
+        raise ValueError(f"--checkpoint {args.checkpoint!r} holds no language model ({type(exc).__name__}: "
+                         f"{exc} in its metadata)") from exc
+    except ValueError as exc:
+        # Checkpoint errors already start with the path; others get the flag's value.
+        where = "" if args.checkpoint in str(exc) else f" {args.checkpoint!r}"
+        raise ValueError(f"--checkpoint{where}: {exc}") from exc
+    except KeyboardInterrupt:
+        print("interrupted before generating", file=sys.stderr)
+        return 130
+    _check_prompt_fits(prompt, name, args.max_new_bytes, model.cfg.max_seq_len)
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    stream = decode_stream(model, ids, args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed)
+    # Bytes arrive one at a time; a UTF-8 character may span several, so decode incrementally.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    written, first, interrupted = 0, None, False
+    t0 = time.perf_counter()
+    try:
+        for token in stream:
+            first = first if first is not None else time.perf_counter() - t0
+            sys.stdout.write(decoder.decode(bytes([int(token[0])])))
+            sys.stdout.flush()
+            written += 1
+    except KeyboardInterrupt:
+        interrupted = True
+    seconds = time.perf_counter() - t0
+    sys.stdout.write(decoder.decode(b"", final=True) + ("\n" if sys.stdout.isatty() else ""))
+    sys.stdout.flush()
+    rate = written / seconds if seconds > 0 else 0.0
+    ttfb = "" if first is None else f"; first byte after {first:.2f} s"
+    print(f"{'interrupted: ' if interrupted else ''}{written} bytes in {seconds:.2f} s, {rate:.1f} tokens/s "
+          f"({len(prompt)}-byte prompt{ttfb})", file=sys.stderr)
+    return 130 if interrupted else 0
+
+
+def _dtype_name(dtype: str, device: str) -> str:
+    import torch
+    from .precision import resolve_dtype
+    return "bf16" if resolve_dtype(dtype, device) == torch.bfloat16 else "fp32"
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -146,6 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--windows", type=int, default=None, help="validation windows (default: as trained)")
     p.set_defaults(func=_eval)
+    p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint, streaming to stdout",
+                       description="Writes only the new bytes to stdout (invalid UTF-8 as U+FFFD) and the "
+                                   "speed to stderr. Prompt plus new bytes must fit in the model's max_seq_len.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint .json/.safetensors or run folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text (UTF-8)")
+    source.add_argument("--prompt-file", help="file whose bytes are the prompt")
+    p.add_argument("--max-new-bytes", type=int, default=256, help="bytes to generate (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="fixes the draws (default: unseeded)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(func=_generate)
     p = sub.add_parser("trace", help="count a preset on the meta device (allocates nothing)")
     p.add_argument("--preset", default="default_3b", choices=sorted(PRESETS))
     p.add_argument("--weights", default="ternary", choices=("ternary", "float"))
