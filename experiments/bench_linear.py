@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 experiments/bench_linear.py [--out DIR] [--reps-ms 100]
 
 For each shape (K -> N): forward at M = 1 (every GEMV variant) and M = 4096 (GEMM), and the
-backward at M = 4096 (grad_input + fused votes), each beside its bf16 baseline timed in the
+backward at M = 4096 (grad_input + votes: the fused plane kernel, and cuBLAS dW chunks with the votes epilogue), each beside its bf16 baseline timed in the
 same run (``F.linear``; for the backward ``grad @ W`` plus ``gradᵀ @ x``). Timings are
 ``triton.testing.do_bench`` medians; data are fresh random trits/normals, and every operand
 set is rotated over enough copies that the copies together exceed 200 MB (L2 is 50 MB), so
@@ -32,9 +32,9 @@ ROTATE_BYTES = 200e6
 GEMV_FMA_CONFIGS = [dict(BN=8, BKB=128, warps=2), dict(BN=4, BKB=128, warps=1), dict(BN=8, BKB=256, warps=2),
                     dict(BN=16, BKB=256, warps=4), dict(BN=4, BKB=256, warps=1)]
 GEMM_CONFIGS = [dict(BM=256, BN=128, BK=64, warps=8, stages=3)]
-VOTES_CONFIGS = [dict(BN=128, BJ=128, BM=64, warps=8, stages=3), dict(BN=128, BJ=64, BM=64, warps=4, stages=4),
-                 dict(BN=64, BJ=128, BM=64, warps=4, stages=4), dict(BN=128, BJ=128, BM=32, warps=4, stages=4),
-                 dict(BN=128, BJ=256, BM=64, warps=8, stages=3)]
+# epilogue of the cuBLAS votes path: rows per program, columns per step, warps
+DW_VOTES_CONFIGS = [dict(BR=4, BC=256, warps=4), dict(BR=8, BC=256, warps=4), dict(BR=2, BC=512, warps=4),
+                    dict(BR=16, BC=128, warps=4)]
 
 
 def _copies(bytes_per_set: float) -> int:
@@ -191,23 +191,29 @@ def main() -> int:
             del trits, dW, decided, T_acc, gi
             acc_sets = [(x_, p_, e_, g_, torch.zeros(N, K, dtype=torch.int8, device=dev),
                          torch.zeros(N, dtype=torch.int8, device=dev)) for (x_, p_, e_, g_) in t_sets]
-            best = None
-            for cfg in VOTES_CONFIGS:  # the votes alone (no grad_input), per block config
-                name = f"votes{cfg['BN']}x{cfg['BJ']}x{cfg['BM']}w{cfg['warps']}"
-                try:
-                    t_v = bench(Rotator(acc_sets)(lambda x, p, e, g, ta, ea, cfg=cfg: kern.backward_triton(
-                        g, x, p, e, ta, ea, K, 1, False, path="dequant", config=cfg)), args.reps_ms)
-                    add(shape, f"bwd M={M}", name, t_v, base_b, packed_bytes, err,
-                        f"votes only; {flop / t_v / 1e6:.0f} TFLOP/s")
-                    if best is None or t_v < best[0]:
-                        best = (t_v, cfg)
-                except Exception as exc:
-                    log(f"{shape} bwd {name}: FAILED {type(exc).__name__}: {str(exc)[:400]}")
-            cfg = best[1] if best else None
+            # previous default: dX by workspace + matmul, votes by the fused plane kernel
             t = bench(Rotator(acc_sets)(lambda x, p, e, g, ta, ea: kern.backward_triton(
-                g, x, p, e, ta, ea, K, 1, True, path="dequant", config=cfg)), args.reps_ms)
-            add(shape, f"bwd M={M}", "dequant+votes", t, base_b, packed_bytes, err,
-                f"dX+votes, votes cfg {cfg}; vote agreement {vote_ok:.6f}")
+                g, x, p, e, ta, ea, K, 1, True, path="dequant")), args.reps_ms)
+            add(shape, f"bwd M={M}", "dequant+plane", t, base_b, packed_bytes, err,
+                f"dX+votes (fused plane votes, {kern.VOTES_CONFIG})")
+            # default: dW by cuBLAS in bounded chunks, votes in the epilogue kernel
+            T_acc = torch.zeros(N, K, dtype=torch.int8, device=dev)
+            E_acc = torch.zeros(N, dtype=torch.int8, device=dev)
+            kern.backward_triton(g[:ms], x[:ms], p, e, T_acc, E_acc, K, 1, False, path="cublas")
+            dW = g[:ms].float().t() @ x[:ms].float()
+            decided = dW.abs() > 1e-3 * (g[:ms].float().abs().t() @ x[:ms].float().abs())
+            cublas_ok = float((T_acc.float() == torch.sign(dW))[decided].float().mean())
+            del dW, decided, T_acc, E_acc
+            default_cfg = dict(kern.DW_VOTES_CONFIG)
+            for cfg in DW_VOTES_CONFIGS:
+                kern.DW_VOTES_CONFIG.update(cfg)
+                t = bench(Rotator(acc_sets)(lambda x, p, e, g, ta, ea: kern.backward_triton(
+                    g, x, p, e, ta, ea, K, 1, True, path="cublas")), args.reps_ms)
+                add(shape, f"bwd M={M}", f"cublas BR{cfg['BR']}BC{cfg['BC']}w{cfg['warps']}", t, base_b,
+                    packed_bytes, err, f"dX+votes, dW chunks of {kern.DW_CHUNK_ELEMENTS} elements; "
+                    f"vote agreement {cublas_ok:.6f} (prev. path {vote_ok:.6f})")
+            kern.DW_VOTES_CONFIG.clear()
+            kern.DW_VOTES_CONFIG.update(default_cfg)
 
         try:
             backward_case()

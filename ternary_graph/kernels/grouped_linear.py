@@ -10,7 +10,7 @@ Layers:
   * plain-torch references ``grouped_forward_reference`` / ``grouped_backward_reference``: one
     ``linear_*_reference`` per non-empty group (the CPU path and the oracle; they read the
     offsets on the host);
-  * the GPU path (``_forward_gpu`` / ``_backward_gpu``): a transient dense bf16 stack of the G
+  * the GPU path (``grouped_forward_gpu`` / ``grouped_backward_gpu``): a transient dense bf16 stack of the G
     matrices (``dequantize_triton``) and ``torch._grouped_mm`` for the output and grad_input;
     dW by ``torch._grouped_mm`` in bounded row chunks, each cast into votes by the Triton
     epilogue ``dw_votes_`` (no dW of a whole expert stack ever exists). It needs bf16
@@ -91,7 +91,7 @@ def _dense_stack(packed: torch.Tensor, E: torch.Tensor, groups: int, in_features
     return w.view(groups, packed.shape[0] // groups, in_features)
 
 
-def _forward_gpu(x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, offsets: torch.Tensor,
+def grouped_forward_gpu(x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, offsets: torch.Tensor,
                  in_features: int) -> torch.Tensor:
     G = offsets.shape[0]
     N = packed.shape[0] // G
@@ -126,7 +126,7 @@ def grouped_cublas_votes_(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch
                       group_rows=N, row0=n0)
 
 
-def _backward_gpu(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor,
+def grouped_backward_gpu(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor,
                   T_accum: torch.Tensor, E_accum: torch.Tensor, offsets: torch.Tensor, in_features: int,
                   vote_magnitude: int, needs_input_grad: bool) -> torch.Tensor | None:
     G = offsets.shape[0]
@@ -155,7 +155,7 @@ def _backward_gpu(grad2d: torch.Tensor, x2d: torch.Tensor, packed: torch.Tensor,
 def grouped_linear_forward(x: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, offsets: torch.Tensor,
                            in_features: int) -> torch.Tensor:
     if x.is_cuda:
-        return _forward_gpu(x, packed, E, offsets, in_features)
+        return grouped_forward_gpu(x, packed, E, offsets, in_features)
     return grouped_forward_reference(x, packed, E, offsets, in_features)
 
 
@@ -169,7 +169,7 @@ def grouped_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, packed: tor
                             T_accum: torch.Tensor, E_accum: torch.Tensor, offsets: torch.Tensor, in_features: int,
                             vote_magnitude: int, needs_input_grad: bool) -> torch.Tensor:
     """Returns grad_input (M, K), or an empty (0,) tensor when it is not needed."""
-    fn = _backward_gpu if x.is_cuda else grouped_backward_reference
+    fn = grouped_backward_gpu if x.is_cuda else grouped_backward_reference
     gi = fn(grad_out, x, packed, E, T_accum, E_accum, offsets, in_features, vote_magnitude, needs_input_grad)
     return gi if gi is not None else x.new_empty(0)
 

@@ -103,10 +103,11 @@ def ternary_update_(
     flip_prob: float = 1.0,
     seed: int = 0,
     rows: torch.Tensor | None = None,
-) -> int:
+) -> int | torch.Tensor:
     """Apply the update rule in place to all rows, or only to ``rows`` (unique int64 ids).
 
-    Returns the number of trits that changed value.
+    Returns the number of trits that changed value: an int from the CPU reference, a 0-dim
+    device tensor from the CUDA kernel (the host reads it only when a statistic is logged).
     """
     check_update_args(packed, T_accum, E, E_accum, cols, threshold, scale_threshold, decay_shift, flip_prob)
     if packed.is_cuda and _update_triton is not None:
@@ -200,7 +201,8 @@ if HAS_TRITON:
     def _update_triton(packed: torch.Tensor, T_accum: torch.Tensor, E: torch.Tensor, E_accum: torch.Tensor,
                        cols: int, *, threshold: int, scale_threshold: int, decay_shift: int | None = None,
                        flip_prob: float = 1.0, seed: int = 0, rows: torch.Tensor | None = None) -> int:
-        """In-place Triton update of all rows, or of ``rows`` (unique ids); returns the flip count.
+        """In-place Triton update of all rows, or of ``rows`` (unique ids); returns the flip count
+        as a 0-dim int32 device tensor (no host sync).
 
         Shapes:
             packed: (R, ceil(cols/5)) uint8;  T_accum: (R, cols) int8;  E, E_accum: (R,) int8
@@ -222,9 +224,9 @@ if HAS_TRITON:
                 raise ValueError(f"rows must be a 1-D tensor of row ids, got shape {tuple(rows.shape)}")
         n_rows = packed.shape[0] if rows is None else rows.numel()
         kb = packed.shape[1]
-        if n_rows == 0 or kb == 0:
-            return 0
         flips = torch.zeros(1, dtype=torch.int32, device=packed.device)
+        if n_rows == 0 or kb == 0:
+            return flips[0]
         BR, BKB = 16, 64
         grid = (triton.cdiv(n_rows, BR), triton.cdiv(kb, BKB))
         _update_kernel[grid](packed, T_accum, E, E_accum, rows if rows is not None else packed, flips, n_rows, cols,
@@ -232,7 +234,7 @@ if HAS_TRITON:
                              decay_shift or 0, float(flip_prob), seed,
                              HAS_ROWS=rows is not None, DECAY=bool(decay_shift), STOCHASTIC=flip_prob < 1.0,
                              UPDATE_E=scale_threshold > 0, BR=BR, BKB=BKB, num_warps=4)
-        return int(flips.item())
+        return flips[0]  # stays on the device: reading it would synchronise the host
 
 else:  # pragma: no cover - installs without Triton use the torch reference everywhere
     _update_triton = None

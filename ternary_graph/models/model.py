@@ -26,6 +26,7 @@ from ..graph.moegraph import MoEGraph
 from ..nn.attention import CausalSelfAttention, KVCache, rms_norm
 from ..nn.factory import check_weights, make_embedding, make_linear
 from ..nn.vq import KGVQCodebook, TernaryVQCodebook
+from ..precision import autocast_for
 from . import generate as _generation
 
 
@@ -60,7 +61,7 @@ class Block(nn.Module):
                 cache: KVCache | None = None):
         x = x + self.attn(rms_norm(x), cache)
         h = rms_norm(x)
-        aux = x.new_zeros(())
+        aux = x.new_zeros((), dtype=torch.float32)
         if self.vq_proj is not None:
             q = vq(self.vq_proj(h))
             code_ids, aux = q.ids, q.commitment_loss
@@ -93,12 +94,20 @@ class CompositeHead(nn.Module):
 
 
 class TernaryGraphLM(nn.Module):
-    """The assembled model (see the module docstring). ``weights`` is "ternary" or "float"."""
+    """The assembled model (see the module docstring). ``weights`` is "ternary" or "float".
+
+    ``compute_dtype`` is the activation dtype (see ``ternary_graph.precision``): float32, or
+    bfloat16 for the GPU (ternary kernels read bf16 activations; float layers run under
+    autocast; norms, softmax statistics and the loss stay float32). It is not state: a
+    checkpoint loads into a model of either compute dtype.
+    """
 
     def __init__(self, cfg: ModelConfig, *, weights: str = "ternary", device: torch.device | str | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.cfg, self.weights = cfg, check_weights(weights)
+        if compute_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"compute_dtype must be torch.float32 or torch.bfloat16, got {compute_dtype}")
+        self.cfg, self.weights, self.compute_dtype = cfg, check_weights(weights), compute_dtype
         device = torch.device(device) if device is not None else torch.device("cpu")
         generator = None if device.type == "meta" else torch.Generator().manual_seed(seed)
         self.embed = make_embedding(cfg.vocab_size, cfg.dim, weights, device=device, generator=generator)
@@ -127,13 +136,15 @@ class TernaryGraphLM(nn.Module):
         cached = 0 if kv_cache is None else kv_cache[0].length
         if cached + ids.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {cached + ids.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
-        x = self.embed(ids)
-        code_ids, aux = None, x.new_zeros(())
-        for i, block in enumerate(self.blocks):
-            x, code_ids, block_aux = block(x, code_ids, self.shared_vq, None if kv_cache is None else kv_cache[i])
-            aux = aux + block_aux
-        hidden = rms_norm(x)
-        logits = self.head(hidden)
+        with autocast_for(self.compute_dtype, ids.device):
+            x = self.embed(ids, dtype=self.compute_dtype)
+            code_ids, aux = None, x.new_zeros((), dtype=torch.float32)
+            for i, block in enumerate(self.blocks):
+                x, code_ids, block_aux = block(x, code_ids, self.shared_vq,
+                                               None if kv_cache is None else kv_cache[i])
+                aux = aux + block_aux
+            hidden = rms_norm(x)
+            logits = self.head(hidden)
         out = ModelOutput(logits=logits, hidden=hidden, aux_loss=aux)
         if targets is not None:
             out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
@@ -144,7 +155,7 @@ class TernaryGraphLM(nn.Module):
         """One empty :class:`KVCache` per block, preallocated to ``max_seq_len`` positions."""
         device = next(self.buffers()).device
         return [KVCache.empty(batch_size, self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.head_dim,
-                              dtype=torch.float32, device=device) for _ in self.blocks]
+                              dtype=self.compute_dtype, device=device) for _ in self.blocks]
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None) -> torch.Tensor:
@@ -186,5 +197,5 @@ class TernaryGraphLM(nn.Module):
 
 
 def build_model(cfg: ModelConfig, *, weights: str = "ternary", device: torch.device | str | None = None,
-                seed: int = 0) -> TernaryGraphLM:
-    return TernaryGraphLM(cfg, weights=weights, device=device, seed=seed)
+                seed: int = 0, compute_dtype: torch.dtype = torch.float32) -> TernaryGraphLM:
+    return TernaryGraphLM(cfg, weights=weights, device=device, seed=seed, compute_dtype=compute_dtype)

@@ -12,8 +12,11 @@ from .factory import make_linear
 
 
 def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Parameter-free RMSNorm over the last dimension (no learned gain: no float state)."""
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    """Parameter-free RMSNorm over the last dimension (no learned gain: no float state).
+
+    The reduction runs in float32 whatever ``x``'s dtype; the result has ``x``'s dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device,

@@ -102,7 +102,7 @@ class FloatGroupedLinear(nn.Module):
         ends = offsets.tolist()
         pieces = [F.linear(x[a:b], self.weight[g].to(x.dtype))
                   for g, (a, b) in enumerate(zip([0] + ends[:-1], ends)) if b > a]
-        return torch.cat(pieces) if pieces else x.new_zeros(0, self.out_features)
+        return torch.cat(pieces) if pieces else F.linear(x, self.weight[0].to(x.dtype))  # (0, N), in the graph
 
     def extra_repr(self) -> str:
         return f"num_groups={self.num_groups}, in_features={self.in_features}, out_features={self.out_features}"

@@ -64,13 +64,13 @@ class StepStats:
 
     step: int
     threshold: int
-    flips: int  # trits that changed value
+    flips: int | torch.Tensor  # trits that changed value (on CUDA a 0-dim device tensor: read it lazily)
     trits_updated: int  # trits in the rows the step visited
     float_params: int  # float parameters stepped by the float optimizer
 
     @property
     def flip_rate(self) -> float:
-        return self.flips / max(1, self.trits_updated)
+        return int(self.flips) / max(1, self.trits_updated)
 
 
 class TernaryOptimizer:
