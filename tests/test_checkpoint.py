@@ -6,6 +6,9 @@ import json
 import os
 import pathlib
 import random
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,12 +17,15 @@ import torch
 from ternary_graph.train.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    RunLockedError,
+    atomic_write_text,
     capture_rng_state,
     checkpoint_paths,
     latest_checkpoint,
     load_checkpoint,
     load_state_dict_strict,
     restore_rng_state,
+    run_dir_lock,
     save_checkpoint,
 )
 
@@ -315,6 +321,52 @@ def test_failed_save_commits_nothing(tmp_path: pathlib.Path):
     assert latest_checkpoint(tmp_path) == tmp_path / "ckpt_00000001.json"
     assert load_checkpoint(tmp_path)[1] == {"s": 1}
     assert not (tmp_path / "ckpt_00000002.safetensors.tmp").exists()
+
+
+def test_run_dir_lock_refuses_a_second_holder_until_released(tmp_path: pathlib.Path):
+    # flock conflicts between two open descriptions of the file, even in one process.
+    with run_dir_lock(tmp_path) as lock:
+        assert lock.read_text().strip() == str(os.getpid())
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            with run_dir_lock(tmp_path):
+                pass
+    with run_dir_lock(tmp_path):  # released on exit; the file left behind does not block
+        pass
+
+
+def test_atomic_write_text_replaces_and_leaves_no_temp(tmp_path: pathlib.Path):
+    target = tmp_path / "metrics.jsonl"
+    target.write_text("old\n")
+    os.link(target, tmp_path / "old")
+    atomic_write_text(target, "new\n")
+    assert target.read_text() == "new\n" and (tmp_path / "old").read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "old"]
+
+
+def _can_mount_tmpfs() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(["unshare", "-rm", "true"]).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare -rm to mount a tmpfs")
+def test_full_disk_is_an_oserror_and_commits_nothing(tmp_path: pathlib.Path):
+    # safetensors reports ENOSPC as its own error type; save_checkpoint turns it into OSError.
+    mount = tmp_path / "small"
+    mount.mkdir()
+    code = (
+        "import pathlib, sys, torch\n"
+        "from ternary_graph.train.checkpoint import latest_checkpoint, save_checkpoint\n"
+        "run = pathlib.Path(sys.argv[1]) / 'run'\n"
+        "try:\n"
+        "    save_checkpoint(run, 1, {'w': torch.zeros(100_000)}, {})\n"
+        "except OSError as exc:\n"
+        "    print(exc.errno, latest_checkpoint(run), sorted(p.name for p in run.iterdir()))\n"
+    )
+    script = 'mount -t tmpfs -o size=64k tmpfs "$1" && shift && exec "$@"'
+    res = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(mount), sys.executable, "-c", code,
+                          str(mount)], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1])))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split(None, 2) == ["28", "None", "[]\n"]
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -25,6 +25,9 @@ Layout of one JSON sidecar::
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -44,12 +47,15 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
+    "RunLockedError",
+    "atomic_write_text",
     "capture_rng_state",
     "checkpoint_paths",
     "latest_checkpoint",
     "load_checkpoint",
     "load_state_dict_strict",
     "restore_rng_state",
+    "run_dir_lock",
     "save_checkpoint",
 ]
 
@@ -62,6 +68,13 @@ _HASH_CHUNK = 1 << 24
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupted or inconsistent; the message names the file."""
+
+
+class RunLockedError(ValueError):
+    """Another process holds the run folder's lock; the message names the folder and the holder."""
+
+
+LOCK_NAME = "run.lock"
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,6 +103,51 @@ def fsync_path(path: pathlib.Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    """Replace ``path`` by a file holding ``text``: a temporary file in the same folder, fsynced,
+    then renamed over it. A crash leaves the old file or the new one, never a truncated one."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike[str]):
+    """Hold an exclusive lock on ``run_dir`` (``fcntl.flock`` on ``run_dir/run.lock``) while the
+    block runs; raise :class:`RunLockedError` at once if another process holds it.
+
+    Two writers of one run folder would interleave ``metrics.jsonl`` and replace each other's
+    checkpoints. The kernel drops the lock when its holder exits, however it exits (SIGKILL
+    included), so a lock file left behind never blocks a later run. The holder's pid is written
+    into the file for the error message only; the lock itself is the flock.
+    """
+    path = pathlib.Path(run_dir) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            raise RunLockedError(
+                f"out folder {str(run_dir)!r} is in use by another training run "
+                f"({'pid ' + holder if holder else 'another process'} holds {path}); wait for it to "
+                f"end or pass another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 def _sha256_file(path: pathlib.Path) -> str:
@@ -197,6 +255,17 @@ def _prune(run_dir: pathlib.Path, step: int, keep_last: int) -> None:
             _unlink_quiet(pathlib.Path(entry.path))
 
 
+def _save_tensors(prepared: dict[str, torch.Tensor], path: pathlib.Path, step: int) -> None:
+    try:
+        safetensors.torch.save_file(prepared, str(path), metadata={"format": "pt", "step": str(step)})
+    except safetensors.SafetensorError as exc:
+        # safetensors reports a failed write (full disk, quota, read-only folder) as its own
+        # error type, with the OS error number in the text; callers treat it as the OSError it is.
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} (writing checkpoint tensors)", str(path)) from exc
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike[str],
     step: int,
@@ -238,9 +307,7 @@ def save_checkpoint(
         fsync_path(run)
 
     try:
-        safetensors.torch.save_file(
-            prepared, str(tensor_tmp), metadata={"format": "pt", "step": str(step)}
-        )
+        _save_tensors(prepared, tensor_tmp, step)
         fsync_path(tensor_tmp)
         size = tensor_tmp.stat().st_size
         digest = _sha256_file(tensor_tmp)
