@@ -9,6 +9,8 @@ import os
 import sys
 
 from .config import PRESETS
+from .precision import DTYPE_CHOICES
+from .train.device import DEVICE_HELP, resolve_device
 from .viz.cli import add_viz_parser
 
 
@@ -38,7 +40,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics.jsonl lines")
     p.add_argument("--keep-last", type=int, default=d.keep_last)
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--device", default=d.device, help=f"{DEVICE_HELP} (default %(default)s)")
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES,
+                   help="activation precision: auto is bf16 on CUDA, fp32 on CPU (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--data", default=None, help="text file or folder (default: this Python's stdlib sources)")
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>-<weights>)")
@@ -63,7 +67,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _train_kg(args: argparse.Namespace) -> int:
     from .kg.task import KGTrainConfig, train_kg
     d = KGTrainConfig()
-    cfg = KGTrainConfig(epochs=args.epochs or d.epochs, seed=args.seed, device=args.device,
+    cfg = KGTrainConfig(epochs=args.epochs or d.epochs, seed=args.seed, device=resolve_device(args.device),
                         out=args.out or "runs/kg", threads=args.threads, progress=not args.no_progress)
     s = train_kg(cfg)
     print(f"\ndone: {s.epochs} epochs of the ternary KG scorer in {s.seconds:.0f} s")
@@ -84,7 +88,8 @@ def _train(args: argparse.Namespace) -> int:
                       threshold_final=args.threshold_final, scale_threshold=args.scale_threshold,
                       decay_shift=args.decay_shift, vote_magnitude=args.vote_magnitude, flip_prob=args.flip_prob,
                       eval_every=args.eval_every, eval_windows=args.eval_windows,
-                      checkpoint_every=args.checkpoint_every, log_every=args.log_every, keep_last=args.keep_last, device=args.device,
+                      checkpoint_every=args.checkpoint_every, log_every=args.log_every, keep_last=args.keep_last,
+                      device=resolve_device(args.device), dtype=args.dtype,
                       seed=args.seed, data=args.data, out=out, threads=args.threads, task=args.task,
                       kg_weight=args.kg_weight)
     cfg = dataclasses.replace(cfg, micro_batches=args.micro_batches)
@@ -102,19 +107,21 @@ def _train(args: argparse.Namespace) -> int:
             os._exit(3)
         shutdown()
         if vote_sync.rank != 0:
-            return 130 if s.interrupted else 0
+            return 128 + int(s.stop_signal) if s.interrupted else 0
     else:
         s = train(cfg, resume=args.resume, progress=not args.no_progress)
     status = "interrupted" if s.interrupted else "done"
+    code = 128 + int(s.stop_signal) if s.interrupted else 0  # 130 after SIGINT, 143 after SIGTERM
     print(f"\n{status}: {s.steps} steps of {cfg.preset}/{cfg.weights} in {s.seconds:.0f} s "
           f"({s.tokens_per_second:,.0f} tokens/s)")
+    print(f"  device              {s.device} ({s.dtype} activations)")
     print(f"  train loss          {s.final_train_loss:.4f} nats/byte")
     print(f"  validation loss     {s.val_loss_nats:.4f} nats/byte = {s.val_bits_per_byte:.4f} bits/byte")
     print(f"  unigram baseline    {s.unigram_bits_per_byte:.4f} bits/byte")
     print(f"  run folder          {s.run_dir}  (metrics.jsonl, loss.png, routing.png, checkpoints)")
     if not s.interrupted:
         _print_sample(cfg, s.run_dir)
-    return 130 if s.interrupted else 0
+    return code
 
 
 SAMPLE_PROMPT_BYTES = 48  # validation bytes that prompt the post-training sample
@@ -258,13 +265,21 @@ def _dtype_name(dtype: str, device: str) -> str:
 
 def _eval(args: argparse.Namespace) -> int:
     import math
-    from .train.loop import evaluate, load_model_from_checkpoint, prepare_data
-    model, cfg, meta, _ = load_model_from_checkpoint(args.checkpoint, device=args.device)
+    from .train.loop import corpus_mismatch, evaluate, load_model_from_checkpoint, prepare_data
+    if args.windows is not None and args.windows < 0:
+        raise ValueError(f"--windows must be >= 0 (0: all), got {args.windows}")
+    model, cfg, meta, _ = load_model_from_checkpoint(args.checkpoint, device=resolve_device(args.device),
+                                                     dtype=args.dtype)
     if args.windows is not None:
-        cfg.eval_windows = args.windows
-    _, val, _ = prepare_data(cfg)
+        cfg = dataclasses.replace(cfg, eval_windows=args.windows)
+    _, val, corpus = prepare_data(cfg)
+    mismatch = corpus_mismatch(meta, corpus)
+    if mismatch is not None:
+        print(f"ternary-graph eval: warning: {mismatch}; the loss below is on the corpus as it is now",
+              file=sys.stderr)
     nats = evaluate(model, val, cfg)
-    print(f"checkpoint step {meta['data_position']['next_step']} ({cfg.preset}/{cfg.weights})")
+    print(f"checkpoint step {meta['data_position']['next_step']} ({cfg.preset}/{cfg.weights}, "
+          f"{cfg.device}, {_dtype_name(cfg.dtype, cfg.device)} activations)")
     print(f"validation loss: {nats:.4f} nats/byte = {nats / math.log(2):.4f} bits/byte")
     return 0
 
@@ -284,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
     p = sub.add_parser("eval", help="validation loss of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint .json/.safetensors or run folder")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="activation precision (default %(default)s)")
     p.add_argument("--windows", type=int, default=None, help="validation windows (default: as trained)")
     p.set_defaults(func=_eval)
     p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint, streaming to stdout",
@@ -316,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # OSError: unwritable or full --out; DeviceError is a ValueError
         print(f"ternary-graph {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

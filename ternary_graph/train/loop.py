@@ -1,14 +1,17 @@
 """The training loop behind ``ternary-graph train``: data, model, optimizer, eval, checkpoints.
 
-A run folder holds ``config.json`` (the resolved TrainConfig and ModelConfig),
-``metrics.jsonl`` (one JSON object per logged step), ``loss.png``, ``routing.png`` and the
-checkpoints ``ckpt_XXXXXXXX.{safetensors,json}``. A run is a pure function of its config:
-batches depend only on (seed, step) and every RNG state is checkpointed, so ``--resume``
-continues bit-identically.
+A run folder holds ``config.json`` (the resolved TrainConfig and ModelConfig, and the corpus:
+resolved path and content fingerprint), ``metrics.jsonl`` (one JSON object per logged step),
+``loss.png``, ``routing.png``, the checkpoints ``ckpt_XXXXXXXX.{safetensors,json}`` and
+``run.lock`` (held while a run writes the folder; a second writer is refused). A run is a pure
+function of its config: batches depend only on (seed, step) and every RNG state is
+checkpointed, so ``--resume`` continues bit-identically; it refuses a checkpoint made with
+another config or on another corpus. SIGINT and SIGTERM checkpoint, then stop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -24,11 +27,15 @@ import torch
 from tqdm import tqdm
 
 from ..config import ModelConfig, get_preset
+from ..graph.moegraph import MoEGraph
+from ..graph.routing import INACTIVE_SRC
 from ..models.model import build_model
+from ..precision import DTYPE_CHOICES, resolve_dtype
 from ..ternary.optimizer import TernaryOptimizer, UpdateRule
 from ..ternary.state import float_parameters
-from .checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, load_state_dict_strict,
-                         restore_rng_state, save_checkpoint)
+from .checkpoint import (CheckpointError, atomic_write_text, capture_rng_state, latest_checkpoint, load_checkpoint,
+                         load_state_dict_strict, restore_rng_state, run_dir_lock, save_checkpoint)
+from .device import resolve_device
 from ..viz.plots import plot_loss_curves, plot_routing_graph
 from ..kg.task import KGTrainConfig, entity_code_map, kg_composite_loss, load_kg
 from .data import (ByteDataset, collect_text_files, corpus_fingerprint, default_cache_dir, prepare_corpus,
@@ -36,6 +43,11 @@ from .data import (ByteDataset, collect_text_files, corpus_fingerprint, default_
 
 logger = logging.getLogger(__name__)
 NATS_TO_BITS = 1.0 / math.log(2.0)
+MAX_PACKED_BYTE = 242  # 3**5 - 1: five trits per byte, base 3
+# Fields a --resume may change: they decide where and how long the run goes, not what it
+# computes (dtype: a checkpoint holds no float activations and loads at either precision;
+# data: the corpus is compared by its content fingerprint instead, so a moved corpus resumes).
+RESUMABLE_FIELDS = frozenset({"steps", "device", "dtype", "out", "threads", "data"})
 
 
 @dataclass
@@ -56,11 +68,12 @@ class TrainConfig:
     vote_magnitude: int = 4  # votes cast per backward pass, ±vote_magnitude
     flip_prob: float = 1.0  # probability that a trit at threshold steps
     eval_every: int = 250  # steps between validation passes (and at the end)
-    eval_windows: int = 256  # validation windows of seq_len bytes per pass (None-like 0: all)
+    eval_windows: int = 256  # validation windows of seq_len bytes per pass (0: all)
     checkpoint_every: int = 500  # steps between checkpoints (and at the end)
     keep_last: int = 3  # checkpoints kept
     log_every: int = 10  # steps between metrics.jsonl lines
-    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # activation precision (ternary_graph.precision): "auto" (bf16 on CUDA, fp32 on CPU), "bf16", "fp32"
     seed: int = 0  # model init, data order and optimizer coins
     data: str | None = None  # text file or folder; None: the Python standard library sources
     val_fraction: float = 0.05  # share of files held out for validation
@@ -81,16 +94,27 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("eval_windows", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.task not in ("lm", "lm+kg"):
             raise ValueError(f"task must be 'lm' or 'lm+kg' (use train_kg for 'kg'), got {self.task!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        self.model_config()  # checks seq_len against the preset now, not after the corpus is prepared
 
     def model_config(self) -> ModelConfig:
+        """The preset with ``model_overrides``; ``seq_len`` must fit its ``max_seq_len`` (the
+        rotary table's length): a longer one is refused rather than silently growing the model,
+        which also bounds ``seq_len`` (100,000 would build a huge table and stall)."""
         cfg = get_preset(self.preset)
         cfg = cfg.replace(**self.model_overrides) if self.model_overrides else cfg
         if self.seq_len > cfg.max_seq_len:
-            cfg = cfg.replace(max_seq_len=self.seq_len)
+            raise ValueError(f"seq_len {self.seq_len} exceeds max_seq_len {cfg.max_seq_len} of preset "
+                             f"{self.preset!r}; use a seq_len of at most {cfg.max_seq_len}")
         return cfg
 
     def update_rule(self) -> UpdateRule:
@@ -111,14 +135,41 @@ class RunSummary:
     seconds: float
     run_dir: str
     interrupted: bool
+    device: str = "cpu"  # the resolved device the run used
+    dtype: str = "fp32"  # the activation dtype the run used ("fp32" or "bf16")
+    stop_signal: int = 0  # the signal that interrupted the run (SIGINT or SIGTERM), 0 if none
+
+
+def resolve_data_path(data: str | None) -> str | None:
+    """``--data`` as an absolute path, so that a later ``--resume`` or ``eval`` started from
+    another working directory reads the same corpus (None: the stdlib sources)."""
+    return None if data is None else str(pathlib.Path(data).expanduser().resolve())
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[ByteDataset, ByteDataset, dict]:
-    files = stdlib_source_files() if cfg.data is None else collect_text_files(cfg.data)
+    """Train and validation bytes of ``cfg.data``, and a dict of the corpus: the counts of
+    :class:`~ternary_graph.train.data.CorpusStats`, ``data`` (the resolved path, None for the
+    stdlib) and ``fingerprint`` (hash of the content, see ``corpus_fingerprint``)."""
+    data = resolve_data_path(cfg.data)
+    files = stdlib_source_files() if data is None else collect_text_files(data)
     cache = default_cache_dir(corpus_fingerprint(files, cfg.val_fraction))
     corpus = prepare_corpus(files, cache, cfg.val_fraction)
-    stats = dataclasses.asdict(corpus.stats)
-    return ByteDataset(corpus.train_path), ByteDataset(corpus.val_path), stats
+    info = {**dataclasses.asdict(corpus.stats), "data": data, "fingerprint": corpus.fingerprint}
+    return ByteDataset(corpus.train_path), ByteDataset(corpus.val_path), info
+
+
+def corpus_mismatch(meta: dict, corpus: dict) -> str | None:
+    """Why the corpus ``corpus`` (from :func:`prepare_data`) is not the one a checkpoint's
+    ``meta`` was trained on, or None when the fingerprints agree. A checkpoint written before
+    fingerprints were stored cannot be checked: that is reported too."""
+    saved = meta.get("corpus")
+    if saved is None:
+        return "the checkpoint predates corpus fingerprints, so its corpus cannot be checked"
+    if saved["fingerprint"] == corpus["fingerprint"]:
+        return None
+    return (f"the corpus differs from the one the checkpoint was trained on: saved data {saved['data']!r} "
+            f"(fingerprint {saved['fingerprint'][:12]}), now data {corpus['data']!r} "
+            f"(fingerprint {corpus['fingerprint'][:12]})")
 
 
 def cosine_lr(step: int, total: int, base: float) -> float:
@@ -130,8 +181,12 @@ def cosine_lr(step: int, total: int, base: float) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> TernaryOptimizer:
+    """Votes for the ternary state, AdamW (lr ``cfg.lr``) for float parameters if the model has any."""
     floats = float_parameters(model)
-    float_opt = torch.optim.AdamW(floats, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)) if floats else None
+    # fused: one kernel for all parameters on the GPU (None: torch's default elsewhere)
+    fused = True if floats and floats[0].is_cuda else None
+    float_opt = torch.optim.AdamW(floats, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+                                  fused=fused) if floats else None
     return TernaryOptimizer(model, cfg.update_rule(), float_optimizer=float_opt, seed=cfg.seed)
 
 
@@ -175,24 +230,104 @@ def _load_optimizer(opt: TernaryOptimizer, tensors: dict[str, torch.Tensor], met
     opt.load_state_dict(state)
 
 
-def save_run_checkpoint(run_dir: pathlib.Path, step: int, model, opt, cfg: TrainConfig, keep_last: int) -> pathlib.Path:
+def save_run_checkpoint(run_dir: pathlib.Path, step: int, model, opt, cfg: TrainConfig, keep_last: int,
+                        corpus: dict | None = None) -> pathlib.Path:
+    """Model, optimizer and RNG state of ``step``; ``corpus`` (from :func:`prepare_data`) stores
+    the data path and fingerprint that ``--resume`` and ``eval`` check."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = _optimizer_tensors(opt)
     tensors.update(opt_tensors)
     tensors.update({f"rng.{k}": v for k, v in capture_rng_state().items()})
     meta = {"train_config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(cfg.model_config()),
             "optimizer": opt_meta, "data_position": {"next_step": step, "seed": cfg.seed}}
+    if corpus is not None:
+        meta["corpus"] = {"data": corpus["data"], "fingerprint": corpus["fingerprint"]}
     return save_checkpoint(run_dir, step, tensors, meta, keep_last=keep_last)
 
 
-def load_model_from_checkpoint(path: str | pathlib.Path, device: str = "cpu"):
-    """Model, TrainConfig and checkpoint meta from a checkpoint file or run folder."""
+def _model_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def _check_range(where: str, name: str, t: torch.Tensor, low: int, high: int, allowed: int | None = None) -> None:
+    """Every element of ``t`` in ``[low, high)`` (or equal to ``allowed``)."""
+    bad = (t < low) | (t >= high)
+    if allowed is not None:
+        bad &= t != allowed
+    if bool(bad.any()):
+        value = int(t[bad][0])
+        raise CheckpointError(f"{where}: tensor {name!r} holds {value}, outside [0, {high}): "
+                              f"the checkpoint was altered or is not of this model")
+
+
+def check_checkpoint_values(model: torch.nn.Module, state: dict[str, torch.Tensor], meta: dict, where: str) -> None:
+    """Values a checkpoint must hold, beyond the names, dtypes, shapes and sha256 that
+    ``load_checkpoint`` and ``load_state_dict_strict`` verify (a file edited and re-hashed
+    passes those): packed bytes at most 242, MoEGraph edges between existing codes and
+    experts, and a data position ``next_step >= 0``. Raises CheckpointError naming ``where``."""
+    position = meta.get("data_position")
+    next_step = position.get("next_step") if isinstance(position, dict) else None
+    if isinstance(next_step, bool) or not isinstance(next_step, int) or next_step < 0:
+        raise CheckpointError(f"{where}: data_position.next_step must be an int >= 0, got {next_step!r}")
+    for name, t in state.items():
+        if name.endswith(".packed") and t.dtype == torch.uint8 and t.numel() and int(t.max()) > MAX_PACKED_BYTE:
+            raise CheckpointError(f"{where}: tensor {name!r} holds byte {int(t.max())}, above {MAX_PACKED_BYTE} "
+                                  f"(five trits per byte): the checkpoint was altered")
+    for prefix, module in model.named_modules():
+        if not isinstance(module, MoEGraph):
+            continue
+        codes, experts = module.codebook_size, module.num_experts
+        edges = state.get(f"{prefix}.edge_index")
+        if edges is not None and edges.dim() == 2 and edges.shape[0] == 2:
+            _check_range(where, f"{prefix}.edge_index", edges[0], 0, codes)
+            _check_range(where, f"{prefix}.edge_index", edges[1], 0, experts)
+        src, dst = state.get(f"{prefix}.active_edge_src"), state.get(f"{prefix}.active_edge_dst")
+        if src is not None and dst is not None:
+            _check_range(where, f"{prefix}.active_edge_src", src, 0, codes, allowed=INACTIVE_SRC)
+            _check_range(where, f"{prefix}.active_edge_dst", dst, 0, experts)
+
+
+def load_model_from_checkpoint(path: str | pathlib.Path, device: str = "cpu", dtype: str = "auto"):
+    """Model, TrainConfig and checkpoint meta (and the raw tensors) from a checkpoint file or
+    run folder. ``device`` may be "auto"; ``dtype`` is the activation precision
+    (``ternary_graph.precision``). The returned config carries the resolved device and dtype."""
     tensors, meta = load_checkpoint(path)
-    cfg = TrainConfig(**meta["train_config"])
-    cfg.device = device
-    model = build_model(ModelConfig(**meta["model_config"]), weights=cfg.weights, device=device, seed=cfg.seed)
-    load_state_dict_strict(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    device = resolve_device(device)
+    cfg = dataclasses.replace(TrainConfig(**meta["train_config"]), device=device, dtype=dtype)
+    model = build_model(ModelConfig(**meta["model_config"]), weights=cfg.weights, device=device, seed=cfg.seed,
+                        compute_dtype=resolve_dtype(dtype, device))
+    state = _model_state(tensors)
+    check_checkpoint_values(model, state, meta, str(path))
+    load_state_dict_strict(model, state)
     return model, cfg, meta, tensors
+
+
+def rewrite_metrics(path: pathlib.Path, next_step: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` up to ``next_step`` (a resumed run redoes the later
+    ones). A torn last line (the run was killed while writing it) is dropped with a warning;
+    a bad line elsewhere is an error naming the file and line. The file is replaced atomically:
+    a kill during the rewrite leaves the old history, never an emptied file."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                logger.warning("%s: dropping the torn last line %d (%.40r): a run stopped while writing it",
+                               path, number, line)
+                continue
+            raise ValueError(f"{path}: line {number} is not JSON ({exc.msg}); repair or delete that line") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"{path}: line {number} has no integer 'step'; repair or delete that line")
+        if step <= next_step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _append_jsonl(path: pathlib.Path, record: dict) -> None:
@@ -255,14 +390,17 @@ def train_step(model, opt: TernaryOptimizer, x: torch.Tensor, y: torch.Tensor, m
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote_sync=None) -> RunSummary:
-    """Run (or resume) a training run; returns its summary. Ctrl-C checkpoints, then stops."""
+    """Run (or resume) a training run; returns its summary. SIGINT or SIGTERM checkpoints, then stops.
 
+    ``cfg.device`` ("auto" allowed) and ``cfg.data`` are resolved first and stored resolved. The
+    run folder ``cfg.out`` is locked for the whole run (rank 0 only): a second writer is refused.
+    """
+    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device), data=resolve_data_path(cfg.data))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     # Data parallel (train/distributed.py): every rank samples the global batch and takes its
     # chunk, running micro_batches / world backward passes; only rank 0 writes the run folder.
     rank, world = (0, 1) if vote_sync is None else (vote_sync.rank, vote_sync.world_size)
-    lead = rank == 0
     if world > 1 and (cfg.micro_batches % world or cfg.batch_size % cfg.micro_batches):
         raise ValueError(f"micro_batches={cfg.micro_batches} must be a multiple of the {world} ranks (each runs "
                          f"micro_batches / world backward passes per step) and divide batch_size={cfg.batch_size}")
@@ -270,21 +408,62 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
         vote_sync.check_same("config", json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
                                                    if k not in ("device", "threads")}, sort_keys=True, default=str))
     run_dir = pathlib.Path(cfg.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"out {cfg.out!r} is a file, not a folder; pass a folder for the run")
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(run_dir) if rank == 0 else contextlib.nullcontext():
+        return _train_locked(cfg, run_dir, resume=resume, progress=progress, vote_sync=vote_sync)
+
+
+def config_differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """``"name (saved X, now Y)"`` for every field outside RESUMABLE_FIELDS where the configs differ."""
+    return [f"{f.name} (saved {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r})"
+            for f in dataclasses.fields(TrainConfig)
+            if f.name not in RESUMABLE_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)]
+
+
+def _resume_checks(cfg: TrainConfig, saved: TrainConfig, meta: dict, corpus: dict, ckpt: pathlib.Path) -> int:
+    """The step a resume starts from, after refusing a checkpoint it must not continue."""
+    differ = config_differences(saved, cfg)
+    if differ:
+        raise ValueError(f"--resume: {ckpt} was made with a different config: {'; '.join(differ)}")
+    mismatch = corpus_mismatch(meta, corpus)
+    if mismatch is not None and "corpus" not in meta:
+        logger.warning("--resume: %s", mismatch)  # an older run: nothing to compare with
+    elif mismatch is not None:
+        raise ValueError(f"--resume: {mismatch}; pass the --data it was trained on")
+    start = meta["data_position"]["next_step"]
+    if cfg.steps <= start:
+        raise ValueError(f"--resume: steps {cfg.steps} must be above the step {start} that {ckpt} reached")
+    return start
+
+
+def _warn_if_lr_unused(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    if cfg.lr != TrainConfig.lr and not float_parameters(model):
+        logger.warning("lr %g has no effect: this %s model has no float parameters (its trits move by votes, "
+                       "see --threshold)", cfg.lr, cfg.weights)
+
+
+def _train_locked(cfg: TrainConfig, run_dir: pathlib.Path, *, resume: bool, progress: bool, vote_sync) -> RunSummary:
+    rank, world = (0, 1) if vote_sync is None else (vote_sync.rank, vote_sync.world_size)
+    lead = rank == 0
     # The corpus cache is filled by rank 0 first, then by the first rank of every other node (a
     # cache not shared with node 0), then read by the rest: no two ranks write one cache at once.
     turn = 0 if lead else (1 if vote_sync.local_rank == 0 else 2)
     for phase in range(3 if vote_sync is not None else 1):
         if phase == turn:
-            train_ds, val_ds, corpus_stats = prepare_data(cfg)
+            train_ds, val_ds, corpus = prepare_data(cfg)
         if vote_sync is not None:
             vote_sync.barrier()
-    logger.info("corpus: %s", corpus_stats)
+    logger.info("corpus: %s", corpus)
     unigram = unigram_bits_per_byte(train_ds, val_ds)
     model_cfg = cfg.model_config()
+    compute_dtype = resolve_dtype(cfg.dtype, cfg.device)
     torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg, weights=cfg.weights, device=cfg.device, seed=cfg.seed)
+    model = build_model(model_cfg, weights=cfg.weights, device=cfg.device, seed=cfg.seed, compute_dtype=compute_dtype)
     opt = build_optimizer(model, cfg)
+    if lead:
+        _warn_if_lr_unused(model, cfg)
     kg_term = kg_loss_term(cfg, model_cfg) if cfg.task == "lm+kg" else None
     metrics_path = run_dir / "metrics.jsonl"
     start = 0
@@ -293,32 +472,31 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
         if ckpt is None:
             raise ValueError(f"--resume: no complete checkpoint in {run_dir}")
         tensors, meta = load_checkpoint(ckpt)
-        saved = TrainConfig(**meta["train_config"])
-        if dataclasses.replace(saved, steps=cfg.steps, device=cfg.device, out=cfg.out, threads=cfg.threads) != cfg:
-            raise ValueError(f"--resume: the run in {run_dir} was made with a different config; "
-                             f"saved {dataclasses.asdict(saved)}")
-        load_state_dict_strict(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        start = _resume_checks(cfg, TrainConfig(**meta["train_config"]), meta, corpus, ckpt)
+        state = _model_state(tensors)
+        check_checkpoint_values(model, state, meta, str(ckpt))
+        load_state_dict_strict(model, state)
         _load_optimizer(opt, tensors, meta["optimizer"])
         restore_rng_state({k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")})
-        start = meta["data_position"]["next_step"]
         if lead:
-            _truncate_metrics(metrics_path, start)
+            rewrite_metrics(metrics_path, start)
     elif lead:
         metrics_path.write_text("")
     if lead:
-        (run_dir / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg),
-                                                         "model": dataclasses.asdict(model_cfg),
-                                                         "corpus": corpus_stats}, indent=2))
+        atomic_write_text(run_dir / "config.json", json.dumps({"train": dataclasses.asdict(cfg),
+                                                               "model": dataclasses.asdict(model_cfg),
+                                                               "corpus": corpus}, indent=2))
     if vote_sync is not None:
         vote_sync.check_identical(model, "at the start")
 
-    interrupted = False
+    interrupted, stop_signal = False, 0
 
-    def _on_sigint(signum, frame):
-        nonlocal interrupted
-        interrupted = True
+    def _on_stop(signum, frame):
+        # Schedulers send SIGTERM before they kill: it stops the run like Ctrl-C, with a checkpoint.
+        nonlocal interrupted, stop_signal
+        interrupted, stop_signal = True, signum
 
-    previous_handler = signal.signal(signal.SIGINT, _on_sigint)
+    previous_handlers = {sig: signal.signal(sig, _on_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     model.train()
     tokens_per_step = cfg.batch_size * cfg.seq_len
     t_start = time.perf_counter()
@@ -359,15 +537,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
             if record is not None and lead:
                 _append_jsonl(metrics_path, record)
             if lead and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                save_run_checkpoint(run_dir, step, model, opt, cfg, cfg.keep_last)
+                save_run_checkpoint(run_dir, step, model, opt, cfg, cfg.keep_last, corpus)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", val_bpb=f"{val_nats * NATS_TO_BITS:.3f}", tok_s=f"{tok_s:,.0f}")
         if interrupted and step % cfg.checkpoint_every != 0 and lead:
-            path = save_run_checkpoint(run_dir, step, model, opt, cfg, cfg.keep_last)
+            path = save_run_checkpoint(run_dir, step, model, opt, cfg, cfg.keep_last, corpus)
             bar.write(f"interrupted at step {step}: checkpoint written to {path}")
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     if math.isnan(val_nats) and step > start:
         val_nats = evaluate(model, val_ds, cfg)
     if vote_sync is not None:
@@ -381,12 +560,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
     return RunSummary(steps=step, final_train_loss=loss_value, val_loss_nats=val_nats,
                       val_bits_per_byte=val_nats * NATS_TO_BITS, unigram_bits_per_byte=unigram,
                       tokens_per_second=(step - start) * tokens_per_step / max(seconds, 1e-9), seconds=seconds,
-                      run_dir=str(run_dir), interrupted=interrupted)
-
-
-def _truncate_metrics(path: pathlib.Path, next_step: int) -> None:
-    """Drop metric lines past the checkpoint a resume starts from (they will be redone)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= next_step]
-    path.write_text("".join(line + "\n" for line in kept))
+                      run_dir=str(run_dir), interrupted=interrupted, device=cfg.device,
+                      dtype="bf16" if compute_dtype == torch.bfloat16 else "fp32",
+                      stop_signal=stop_signal or (signal.SIGINT if interrupted else 0))
