@@ -55,15 +55,18 @@ def test_deterministic_update_matches_reference(backend, shape, decay_shift, sca
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(3, 7), (33, 130)])
-def test_row_subset_updates_only_those_rows(backend, shape, gen):
+@pytest.mark.parametrize("padded", [False, True])
+def test_row_subset_updates_only_those_rows(backend, shape, padded, gen):
+    """Only the listed rows move; -1 entries (the padding of fixed-size row lists) are skipped."""
     device = "cpu" if backend == "interpreter" else "cuda"
     rows, cols = shape
     state = _state(rows, cols, gen, device)
     subset = torch.tensor(sorted({0, rows - 1, rows // 2}), dtype=torch.long)
+    listed = torch.cat([torch.tensor([-1]), subset, torch.tensor([-1, -1])]) if padded else subset
     kwargs = dict(threshold=30, scale_threshold=20, decay_shift=3)
     expected = update_reference(*[t.cpu()[subset] for t in state], cols, **kwargs)
     work = [t.clone() for t in state]
-    flips = _launcher()(*work, cols, rows=subset.to(device), **kwargs)
+    flips = _launcher()(*work, cols, rows=listed.to(device), **kwargs)
     untouched = torch.ones(rows, dtype=torch.bool)
     untouched[subset] = False
     for got, before, want in zip(work, state, expected[:4]):

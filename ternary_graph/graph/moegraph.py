@@ -59,6 +59,7 @@ import torch
 from torch import nn
 from torch_geometric.data import HeteroData
 
+from ..checks import check_in_range
 from ..nn.embedding import TernaryEmbeddingTable
 from ..nn.ffn import GroupedSwiGLU
 from ..ternary.state import default_row_scale
@@ -101,17 +102,18 @@ class RoutePlan:
 
 @dataclass
 class GraphUpdateStats:
-    """What one :meth:`MoEGraph.update_graph` call did."""
+    """What one :meth:`MoEGraph.update_graph` call did. Every field is a 0-dim tensor on the
+    layer's device (reading one synchronises the host: do it when logging, not every step)."""
 
-    pairs_voted: int  # distinct (code, expert) pairs with votes
-    edges_up: int  # existing edges whose score rose
-    edges_down: int  # existing edges whose score fell
-    inserted: int  # new edges (large mode) or rewired slots (dense mode)
-    evicted: int  # edges dropped to make room
-    num_active: int  # active edges after the update
-    tokens: int  # routed (token, expert) pairs counted for load balance
-    load_max_share: float  # largest fraction of routed pairs taken by one expert (0 if none)
-    load_min_share: float  # smallest fraction
+    pairs_voted: torch.Tensor  # distinct (code, expert) pairs with votes
+    edges_up: torch.Tensor  # existing edges whose score rose
+    edges_down: torch.Tensor  # existing edges whose score fell
+    inserted: torch.Tensor  # new edges (large mode) or rewired slots (dense mode)
+    evicted: torch.Tensor  # edges dropped to make room
+    num_active: torch.Tensor  # active edges after the update
+    tokens: torch.Tensor  # routed (token, expert) pairs counted for load balance
+    load_max_share: torch.Tensor  # largest fraction of routed pairs taken by one expert (0 if none)
+    load_min_share: torch.Tensor  # smallest fraction
 
 
 def _check_pos_int(name: str, value: object, minimum: int = 1) -> int:
@@ -348,10 +350,7 @@ class MoEGraph(nn.Module):
                              f"got {tuple(code_ids.shape)}")
         if code_ids.device != x.device:
             raise ValueError(f"code_ids is on {code_ids.device} but x is on {x.device}")
-        if code_ids.numel() and not torch.compiler.is_compiling():
-            low, high = int(code_ids.min()), int(code_ids.max())
-            if low < 0 or high >= self.codebook_size:
-                raise ValueError(f"code_ids must lie in [0, {self.codebook_size}), got values in [{low}, {high}]")
+        check_in_range(code_ids, 0, self.codebook_size, "code_ids")
 
     def centroid_scores(self, x2: torch.Tensor) -> torch.Tensor:
         """(T, E) float32 centroid scores ``x · c_e`` (differentiable in x and the centroids)."""
@@ -410,51 +409,50 @@ class MoEGraph(nn.Module):
         """Apply the votes cast since the last call to the edges, and nudge the load bias.
 
         Call once per optimizer step, after ``backward()`` (e.g. right after
-        ``optimizer.step()``). Safe to call with no pending votes.
+        ``optimizer.step()``). Safe to call with no pending votes. Every shape here is fixed by
+        the batch and the capacity, so on CUDA the update never waits for the host; the
+        returned statistics are device tensors, read when they are logged.
         """
         rule = self.rule
         src, dst, attr, score = self._edge_arrays()
         # .to(): votes or loads cast before the module moved device follow it.
-        code, expert, votes = (t.to(src.device) for t in self._votes.take(src.device))
+        code, expert, votes, valid = (t.to(src.device) for t in self._votes.take_padded(src.device))
         slots = match_edges(src, dst, code, expert, self.fanout)
-        matched = slots >= 0
-        m_slots, m_votes = slots[matched], votes[matched]
-        score.copy_(apply_score_votes(score, m_slots, m_votes, rule.max_score_step))
-        edges_up, edges_down = int((m_votes > 0).sum()), int((m_votes < 0).sum())
-        cand = ~matched & (votes >= rule.insert_min_votes)
-        new_src, new_dst = code[cand], expert[cand]
-        new_score = votes[cand].clamp(max=rule.max_score_step).to(torch.int8)
-        inserted = evicted = 0
-        if new_src.numel():
-            if self.mode == "dense":
-                ei, sc, inserted = rewire_dense_edges(self.edge_index, self.edge_score, new_src, new_dst, new_score,
-                                                      fanout=self.fanout, num_experts=self.num_experts)
-                self.edge_index.copy_(ei)
-                self.edge_score.copy_(sc)
-                evicted = inserted
-            else:
-                res = merge_active_edges(src, dst, score, int(self.num_active), new_src, new_dst, new_score,
-                                         fanout=self.fanout, capacity=self.capacity, num_experts=self.num_experts)
-                src.copy_(res.src)
-                dst.copy_(res.dst)
-                score.copy_(res.score)
-                self.num_active.fill_(res.num_active)
-                inserted, evicted = res.inserted, res.evicted
+        matched = valid & (slots >= 0)
+        score.copy_(apply_score_votes(score, slots.clamp(min=0), votes, rule.max_score_step, mask=matched))
+        edges_up, edges_down = (matched & (votes > 0)).sum(), (matched & (votes < 0)).sum()
+        cand = valid & ~matched & (votes >= rule.insert_min_votes)
+        new_score = votes.clamp(max=rule.max_score_step).to(torch.int8)
+        if self.mode == "dense":
+            ei, sc, inserted = rewire_dense_edges(self.edge_index, self.edge_score, code, expert, new_score,
+                                                  fanout=self.fanout, num_experts=self.num_experts, new_valid=cand)
+            self.edge_index.copy_(ei)
+            self.edge_score.copy_(sc)
+            evicted = inserted
+        else:
+            res = merge_active_edges(src, dst, score, self.num_active, code, expert, new_score, fanout=self.fanout,
+                                     capacity=self.capacity, num_experts=self.num_experts, new_valid=cand)
+            src.copy_(res.src)
+            dst.copy_(res.dst)
+            score.copy_(res.score)
+            self.num_active.copy_(res.num_active)
+            inserted, evicted = res.inserted, res.evicted
         attr.copy_(edge_attr_from_score(score, rule.attr_threshold))
         load, self._pending_load = self._pending_load, None
-        load = None if load is None else load.to(src.device)
-        total = 0 if load is None else int(load.sum())
-        max_share = min_share = 0.0
-        if load is not None and total:
-            self.load_bias.copy_(load_bias_update(self.load_bias, load, rule.load_step, rule.load_tolerance))
-            max_share, min_share = int(load.max()) / total, int(load.min()) / total
-        return GraphUpdateStats(pairs_voted=int(code.numel()), edges_up=edges_up, edges_down=edges_down,
-                                inserted=inserted, evicted=evicted, num_active=self.num_active_edges,
-                                tokens=total, load_max_share=max_share, load_min_share=min_share)
+        if load is None:
+            load = torch.zeros(self.num_experts, dtype=torch.long, device=src.device)
+        load = load.to(src.device)
+        total = load.sum()
+        self.load_bias.copy_(load_bias_update(self.load_bias, load, rule.load_step, rule.load_tolerance))
+        shares = load.double() / total.clamp(min=1)
+        num_active = torch.tensor(self.capacity) if self.mode == "dense" else self.num_active.clone()
+        return GraphUpdateStats(pairs_voted=valid.sum(), edges_up=edges_up, edges_down=edges_down,
+                                inserted=inserted, evicted=evicted, num_active=num_active, tokens=total,
+                                load_max_share=shares.max(), load_min_share=shares.min())
 
     def clear_pending(self) -> None:
         """Drop votes and load counts not yet applied (e.g. after an evaluation backward)."""
-        self._votes.take(self.load_bias.device)
+        self._votes.clear()
         self._pending_load = None
 
     def take_pending(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

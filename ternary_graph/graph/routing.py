@@ -248,34 +248,68 @@ def aggregate_votes(code: torch.Tensor, expert: torch.Tensor, votes: torch.Tenso
     return unique // num_experts, unique % num_experts, summed
 
 
+def aggregate_votes_padded(code: torch.Tensor, expert: torch.Tensor, votes: torch.Tensor, num_experts: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`aggregate_votes` with a fixed output length P (no host sync): the n distinct pairs
+    first, sorted by (code, expert), then padding marked invalid.
+
+    Shapes: code, expert (P,) int64; votes (P,) int -> code, expert (P,) int64, votes (P,) int32,
+    valid (P,) bool
+    """
+    P = code.numel()
+    key = code.long() * num_experts + expert.long()
+    sorted_key, order = torch.sort(key, stable=True)
+    first = torch.ones(P, dtype=torch.bool, device=key.device)
+    first[1:] = sorted_key[1:] != sorted_key[:-1]
+    run = torch.cumsum(first, 0) - 1
+    summed = torch.zeros(P, dtype=torch.int32, device=key.device)
+    summed.index_add_(0, run, votes.index_select(0, order).to(torch.int32))
+    unique = torch.full((P,), -1, dtype=torch.long, device=key.device).scatter_(0, run, sorted_key)
+    valid = unique >= 0
+    unique = unique.clamp(min=0)
+    return unique // num_experts, unique % num_experts, summed, valid
+
+
 class VoteSink:
-    """Transient holder of net votes per (code, expert) pair until the graph update takes them.
+    """Transient holder of the votes per (code, expert) pair until the graph update takes them.
 
     Not a buffer and not in any state_dict: it lives between a backward and the next
-    ``update_graph()``, and always holds one aggregated triple, so repeated backwards (gradient
-    accumulation, a layer applied twice) stay bounded by the number of distinct pairs.
+    ``update_graph()``. ``add`` only appends (a backward never waits for the host); the pairs
+    are summed when the votes are taken: :meth:`take_padded` with fixed shapes for the
+    training step, :meth:`take` compacted for callers that need the distinct pairs.
     """
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
-        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def add(self, code: torch.Tensor, expert: torch.Tensor, votes: torch.Tensor) -> None:
-        if self._pending is not None:
-            c, e, v = self._pending
-            code, expert, votes = torch.cat([c, code]), torch.cat([e, expert]), torch.cat([v, votes])
-        self._pending = aggregate_votes(code, expert, votes, self.num_experts)
+        self._pending.append((code.long(), expert.long(), votes.to(torch.int32)))
 
-    def take(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The pending (code, expert, votes), emptied; empty tensors if nothing was voted."""
-        if self._pending is None:
+    def _take_raw(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self._pending:
             z = torch.zeros(0, dtype=torch.long, device=device)
             return z, z.clone(), z.to(torch.int32)
-        out, self._pending = self._pending, None
-        return out
+        pending, self._pending = self._pending, []
+        return tuple(torch.cat(parts) for parts in zip(*pending))  # type: ignore[return-value]
+
+    def take(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pending (code, expert, votes) summed per distinct pair, sorted; emptied."""
+        return aggregate_votes(*self._take_raw(device), self.num_experts)
+
+    def take_padded(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As :meth:`take`, with fixed shapes: see :func:`aggregate_votes_padded`; emptied."""
+        return aggregate_votes_padded(*self._take_raw(device), self.num_experts)
+
+    def clear(self) -> None:
+        self._pending = []
 
     def __len__(self) -> int:
-        return 0 if self._pending is None else int(self._pending[0].numel())
+        """Distinct pairs pending (sums them on the host: for tests and diagnostics)."""
+        if not self._pending:
+            return 0
+        code, expert, _ = (torch.cat(parts) for parts in zip(*self._pending))
+        return int(torch.unique(code * self.num_experts + expert).numel())
 
 
 class EdgeVoteFunction(torch.autograd.Function):
@@ -319,19 +353,22 @@ def match_edges(src: torch.Tensor, dst: torch.Tensor, code: torch.Tensor, expert
     return torch.where(found, first, -1)
 
 
-def apply_score_votes(score: torch.Tensor, slots: torch.Tensor, votes: torch.Tensor,
-                      max_step: int) -> torch.Tensor:
-    """New int8 scores: ``score[slots] += clamp(votes, ±max_step)``, saturating at ±127.
+def apply_score_votes(score: torch.Tensor, slots: torch.Tensor, votes: torch.Tensor, max_step: int,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """New int8 scores: ``score[slots] += clamp(votes, ±max_step)``, saturating at ±127, for the
+    entries where ``mask`` holds (all by default). ``score`` is not modified.
 
-    ``slots`` must be unique (one vote total per edge). ``score`` is not modified.
+    The masked-in ``slots`` must be unique (one vote total per edge).
 
-    Shapes: score (N,) int8; slots (n,) int64; votes (n,) int32 -> (N,) int8
+    Shapes: score (N,) int8; slots (n,) int64; votes (n,) int32; mask (n,) bool -> (N,) int8
     """
-    out = score.clone()
-    if slots.numel():
-        step = votes.clamp(-max_step, max_step)
-        out[slots] = saturating_add(score[slots], step)
-    return out
+    if slots.numel() == 0:
+        return score.clone()
+    N = score.shape[0]
+    step = votes.clamp(-max_step, max_step).to(torch.int32)
+    target = slots if mask is None else torch.where(mask, slots, N)  # slot N: a sink for masked entries
+    delta = torch.zeros(N + 1, dtype=torch.int32, device=score.device).index_add_(0, target, step)
+    return saturating_add(score, delta[:N])
 
 
 def top_per_code(src: torch.Tensor, score: torch.Tensor, is_new: torch.Tensor, fanout: int) -> torch.Tensor:
@@ -356,97 +393,92 @@ def top_per_code(src: torch.Tensor, score: torch.Tensor, is_new: torch.Tensor, f
 
 @dataclass
 class MergeResult:
-    """Edges after an insertion round; arrays are full buffers (capacity,) sorted by (src, dst)."""
+    """Edges after an insertion round; arrays are full buffers (capacity,) sorted by (src, dst).
+    The counts are 0-dim int64 tensors on the edges' device (read them only when logging)."""
 
     src: torch.Tensor  # int32, INACTIVE_SRC in unused slots
     dst: torch.Tensor  # int32
     score: torch.Tensor  # int8
-    num_active: int
-    inserted: int
-    evicted: int
+    num_active: torch.Tensor
+    inserted: torch.Tensor
+    evicted: torch.Tensor
 
 
-def merge_active_edges(src: torch.Tensor, dst: torch.Tensor, score: torch.Tensor, num_active: int,
+def merge_active_edges(src: torch.Tensor, dst: torch.Tensor, score: torch.Tensor, num_active: int | torch.Tensor,
                        new_src: torch.Tensor, new_dst: torch.Tensor, new_score: torch.Tensor, *,
-                       fanout: int, capacity: int, num_experts: int) -> MergeResult:
-    """Insert new edges into the bounded active set.
+                       fanout: int, capacity: int, num_experts: int,
+                       new_valid: torch.Tensor | None = None) -> MergeResult:
+    """Insert new edges into the bounded active set, with fixed shapes (no host sync).
 
-    The pool (existing ∪ new) keeps at most ``fanout`` edges per code, then at most ``capacity``
-    edges in all, dropping the lowest scores first (an existing edge wins a tie against a new
-    one). ``new_*`` must not repeat an existing or another new (src, dst) pair.
+    The pool (existing ∪ new, where ``new_valid``) keeps at most ``fanout`` edges per code, then
+    at most ``capacity`` edges in all, dropping the lowest scores first (an existing edge wins a
+    tie against a new one, then the earlier entry wins). ``new_*`` must not repeat an existing
+    or another new (src, dst) pair.
 
     Shapes:
-        src, dst: (capacity,) int32; score: (capacity,) int8; first ``num_active`` valid
-        new_src, new_dst: (m,) int64; new_score: (m,) int8
+        src, dst: (capacity,) int32; score: (capacity,) int8; the first ``num_active`` valid
+        new_src, new_dst: (m,) int64; new_score: (m,) int8; new_valid: (m,) bool or None (all)
     """
-    n = num_active
-    p_src = torch.cat([src[:n].long(), new_src.long()])
-    p_dst = torch.cat([dst[:n].long(), new_dst.long()])
-    p_score = torch.cat([score[:n], new_score.to(torch.int8)])
-    p_new = torch.cat([torch.zeros(n, dtype=torch.bool, device=src.device),
-                       torch.ones(new_src.numel(), dtype=torch.bool, device=src.device)])
-    idx = top_per_code(p_src, p_score, p_new, fanout).nonzero().squeeze(1)
-    if idx.numel() > capacity:
-        order = torch.argsort(p_new[idx].to(torch.int8), stable=True)
-        order = order[torch.argsort(-p_score[idx][order].long(), stable=True)]
-        idx = idx[order[:capacity]]
-    idx = idx[torch.argsort(p_src[idx] * num_experts + p_dst[idx])]
-    k = idx.numel()
-    out_src = torch.full((capacity,), INACTIVE_SRC, dtype=torch.int32, device=src.device)
-    out_dst = torch.zeros(capacity, dtype=torch.int32, device=src.device)
-    out_score = torch.zeros(capacity, dtype=torch.int8, device=src.device)
-    out_src[:k] = p_src[idx].to(torch.int32)
-    out_dst[:k] = p_dst[idx].to(torch.int32)
-    out_score[:k] = p_score[idx]
-    inserted = int(p_new[idx].sum())
-    return MergeResult(out_src, out_dst, out_score, k, inserted, n - (k - inserted))
+    device = src.device
+    m = new_src.numel()
+    old_valid = torch.arange(src.shape[0], device=device) < num_active
+    new_valid = torch.ones(m, dtype=torch.bool, device=device) if new_valid is None else new_valid
+    p_valid = torch.cat([old_valid, new_valid])
+    p_src = torch.where(p_valid, torch.cat([src.long(), new_src.long()]), INACTIVE_SRC)
+    p_dst = torch.cat([dst.long(), new_dst.long()])
+    p_score = torch.cat([score, new_score.to(torch.int8)])
+    p_new = torch.cat([torch.zeros(src.shape[0], dtype=torch.bool, device=device),
+                       torch.ones(m, dtype=torch.bool, device=device)])
+    keep = top_per_code(p_src, p_score, p_new, fanout) & p_valid
+    # capacity: the best `capacity` of the kept survive (score, then existing before new, then pool order)
+    rank_key = torch.where(keep, ((127 - p_score.long()) << 1) | p_new.long(), 1 << 20)
+    best = torch.argsort(rank_key, stable=True)[:capacity]
+    survive = torch.zeros_like(keep)
+    survive[best] = True
+    survive &= keep
+    final_key = torch.where(survive, p_src * num_experts + p_dst, torch.iinfo(torch.int64).max)
+    idx = torch.argsort(final_key, stable=True)[:capacity]
+    ok = survive[idx]
+    out_src = torch.where(ok, p_src[idx], INACTIVE_SRC).to(torch.int32)
+    out_dst = torch.where(ok, p_dst[idx], 0).to(torch.int32)
+    out_score = torch.where(ok, p_score[idx], 0).to(torch.int8)
+    kept = survive.sum()
+    inserted = (survive & p_new).sum()
+    return MergeResult(out_src, out_dst, out_score, kept, inserted, old_valid.sum() - (kept - inserted))
 
 
 def rewire_dense_edges(edge_index: torch.Tensor, score: torch.Tensor, new_src: torch.Tensor,
-                       new_dst: torch.Tensor, new_score: torch.Tensor, *,
-                       fanout: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+                       new_dst: torch.Tensor, new_score: torch.Tensor, *, fanout: int, num_experts: int,
+                       new_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense layout: a new edge replaces its code's lowest-score edge if that score is lower.
 
-    Each code keeps exactly ``fanout`` edges, stored sorted by dst within the code's slots.
-    Inputs are not modified.
+    Each code keeps exactly ``fanout`` edges (it had ``fanout``; a merge keeps the best
+    ``fanout`` per code and never needs the capacity cut), stored sorted by dst within the
+    code's slots. Inputs are not modified; no host sync.
 
     Shapes:
         edge_index: (2, codes·fanout) int32; score: (codes·fanout,) int8
-        new_src, new_dst: (m,) int64 (pairs not already edges); new_score: (m,) int8
-        returns: new edge_index, new score, number of edges replaced
+        new_src, new_dst: (m,) int64 (pairs not already edges); new_score: (m,) int8;
+        new_valid: (m,) bool or None (all)
+        returns: new edge_index, new score, number of edges replaced (0-dim tensor)
     """
-    ei, sc = edge_index.clone(), score.clone()
-    if new_src.numel() == 0:
-        return ei, sc, 0
-    codes = torch.unique(new_src.long())
-    slots = (codes[:, None] * fanout + torch.arange(fanout, device=codes.device)).reshape(-1)
-    p_src = torch.cat([codes.repeat_interleave(fanout), new_src.long()])
-    p_dst = torch.cat([edge_index[1, slots].long(), new_dst.long()])
-    p_score = torch.cat([score[slots], new_score.to(torch.int8)])
-    p_new = torch.cat([torch.zeros(slots.numel(), dtype=torch.bool, device=codes.device),
-                       torch.ones(new_src.numel(), dtype=torch.bool, device=codes.device)])
-    idx = top_per_code(p_src, p_score, p_new, fanout).nonzero().squeeze(1)
-    # Exactly fanout survivors per code (it had fanout edges before); in (code, dst) order they
-    # line up with the code's slots, since codes are unique and sorted.
-    idx = idx[torch.argsort(p_src[idx] * num_experts + p_dst[idx])]
-    ei[1, slots] = p_dst[idx].to(torch.int32)
-    sc[slots] = p_score[idx]
-    return ei, sc, int(p_new[idx].sum())
+    full = edge_index.shape[1]
+    res = merge_active_edges(edge_index[0], edge_index[1], score, full, new_src, new_dst, new_score,
+                             fanout=fanout, capacity=full, num_experts=num_experts, new_valid=new_valid)
+    return torch.stack([edge_index[0], res.dst]), res.score, res.inserted
 
 
 def load_bias_update(bias: torch.Tensor, load: torch.Tensor, step: int, tolerance: float) -> torch.Tensor:
     """Nudge each expert's int8 bias against the sign of its load deviation (saturating).
 
     An expert more than ``tolerance`` above the mean load loses ``step``; one more than
-    ``tolerance`` below gains ``step``. ``bias`` is not modified.
+    ``tolerance`` below gains ``step``; no load moves nothing. ``bias`` is not modified, and
+    nothing is read on the host.
 
     Shapes: bias (E,) int8; load (E,) int64 tokens routed per expert -> (E,) int8
     """
-    total = int(load.sum())
-    if total == 0 or step == 0:
-        return bias.clone()
-    num = load.numel()
-    dev = load.double() * num - total  # (load - mean) · E, exact in float64 for any real count
+    total = load.sum()
+    dev = load.double() * load.numel() - total  # (load - mean) · E, exact in float64 for any real count
     band = tolerance * total
     direction = (dev < -band).to(torch.int32) - (dev > band).to(torch.int32)
     return saturating_add(bias, direction * step)

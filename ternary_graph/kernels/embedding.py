@@ -28,19 +28,31 @@ def gather_rows_reference(packed: torch.Tensor, E: torch.Tensor, rows: torch.Ten
 
 def scatter_votes_(grad: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, T_accum: torch.Tensor,
                    E_accum: torch.Tensor, cols: int, vote_magnitude: int) -> torch.Tensor:
-    """Cast the votes of ``grad`` (n, cols) for ``rows`` (n,); returns the unique rows touched.
+    """Cast the votes of ``grad`` (n, cols) for ``rows`` (n,); returns the rows touched.
 
-    Duplicate ids are summed first (in fp32), then one saturating ``sign`` vote per trit.
+    Duplicate ids are summed first (in fp32, in their original order), then one saturating
+    ``sign`` vote per trit. Every shape here is fixed by n, so nothing reads a device value on
+    the host: the returned (n,) int64 tensor holds the distinct ids, ascending, then -1 padding.
     """
-    if rows.numel() == 0:
+    n = rows.numel()
+    if n == 0:
         return rows.new_empty(0)
-    unique, inverse = torch.unique(rows, return_inverse=True)
-    summed = torch.zeros(unique.numel(), cols, dtype=torch.float32, device=grad.device)
-    summed.index_add_(0, inverse, grad.to(torch.float32))
-    trits = unpack_trits(packed.index_select(0, unique), cols).to(torch.float32)
-    T_accum.index_copy_(0, unique, saturating_add(T_accum.index_select(0, unique), sign_votes(summed, vote_magnitude)))
-    E_votes = sign_votes((summed * trits).sum(dim=1), vote_magnitude)
-    E_accum.index_copy_(0, unique, saturating_add(E_accum.index_select(0, unique), E_votes))
+    sorted_rows, order = torch.sort(rows, stable=True)
+    first = torch.ones(n, dtype=torch.bool, device=rows.device)
+    first[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    run = torch.cumsum(first, 0) - 1  # which distinct id each sorted entry belongs to
+    summed = torch.zeros(n, cols, dtype=torch.float32, device=grad.device)
+    summed.index_add_(0, run, grad.index_select(0, order).to(torch.float32))
+    unique = torch.full((n,), -1, dtype=torch.long, device=rows.device).scatter_(0, run, sorted_rows)
+    valid = unique >= 0
+    # Padding entries point at unique[0] and carry its new values: the copies below write every
+    # row once in effect, with no host-side count of the distinct ids.
+    target = torch.where(valid, unique, unique[0])
+    trits = unpack_trits(packed.index_select(0, target), cols).to(torch.float32)
+    t_new = saturating_add(T_accum.index_select(0, target), sign_votes(summed, vote_magnitude))
+    e_new = saturating_add(E_accum.index_select(0, target), sign_votes((summed * trits).sum(dim=1), vote_magnitude))
+    T_accum.index_copy_(0, target, torch.where(valid[:, None], t_new, t_new[0]))
+    E_accum.index_copy_(0, target, torch.where(valid, e_new, e_new[0]))
     return unique
 
 

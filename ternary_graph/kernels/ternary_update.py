@@ -104,7 +104,8 @@ def ternary_update_(
     seed: int = 0,
     rows: torch.Tensor | None = None,
 ) -> int | torch.Tensor:
-    """Apply the update rule in place to all rows, or only to ``rows`` (unique int64 ids).
+    """Apply the update rule in place to all rows, or only to ``rows`` (int64 ids, each at most
+    once; negative ids are padding and skipped).
 
     Returns the number of trits that changed value: an int from the CPU reference, a 0-dim
     device tensor from the CUDA kernel (the host reads it only when a statistic is logged).
@@ -122,6 +123,7 @@ def ternary_update_(
             dst.copy_(src)
         return new[4]
     rows = rows.to(device=packed.device, dtype=torch.long)
+    rows = rows[rows >= 0]  # negative ids are padding (see TernaryState.take_touched_rows)
     if rows.numel() == 0:
         return 0
     new = update_reference(packed[rows], T_accum[rows], E[rows], E_accum[rows], cols, threshold=threshold,
@@ -155,8 +157,10 @@ if HAS_TRITON:
         pid_j = tl.program_id(1)
         ridx = pid_r * BR + tl.arange(0, BR)
         r_ok = ridx < R
-        if HAS_ROWS:
-            row = tl.load(rows_ptr + ridx, mask=r_ok, other=0).to(tl.int64)
+        if HAS_ROWS:  # negative ids are padding (fixed-size row lists): skipped
+            row = tl.load(rows_ptr + ridx, mask=r_ok, other=-1).to(tl.int64)
+            r_ok = r_ok & (row >= 0)
+            row = tl.maximum(row, 0)
         else:
             row = ridx.to(tl.int64)
         j = pid_j * BKB + tl.arange(0, BKB)

@@ -45,6 +45,7 @@ import os
 
 import torch
 
+from ..checks import check_finite
 from ..ternary.packing import TRITS_PER_BYTE, packed_cols, unpack_trits
 from ..ternary.state import E_STEP, exponent_to_scale
 
@@ -415,9 +416,7 @@ def check_search_args(z: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, di
     for name, t in (("packed", packed), ("E", E)):
         if t.device != z.device:
             raise ValueError(f"{name} is on {t.device} but z is on {z.device}")
-    if z.numel() and z.device.type != "meta" and not bool(torch.isfinite(z).all()):
-        bad = z[~torch.isfinite(z)][0].item()
-        raise ValueError(f"z must be finite, got a non-finite value {bad}")
+    check_finite(z, "z")
 
 
 def nearest_codes(z: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, dim: int, *,

@@ -186,8 +186,8 @@ class TernaryGraphLM(nn.Module):
                 layer["load_max_share"] = float(load.max() / load.sum())
                 layer["load_min_share"] = float(load.min() / load.sum())
             if update is not None:
-                layer.update(edges_inserted=update.inserted, edges_evicted=update.evicted,
-                             edges_up=update.edges_up, edges_down=update.edges_down)
+                layer.update(edges_inserted=int(update.inserted), edges_evicted=int(update.evicted),
+                             edges_up=int(update.edges_up), edges_down=int(update.edges_down))
             stats[f"layer{block.layer}"] = layer
         stats["shared_vq"] = dataclasses.asdict(self.shared_vq.stats())
         return stats

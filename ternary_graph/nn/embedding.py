@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import check_in_range
 from ..kernels.embedding import TernaryGatherFunction, gather_rows_reference
 from ..ternary.state import TernaryState
 from .linear import grad_anchor
@@ -45,11 +46,7 @@ class TernaryEmbeddingTable(nn.Module):
         if ids.device != self.weight.packed.device:
             raise ValueError(f"{name} is on {ids.device} but the table is on {self.weight.packed.device}")
         flat = ids.reshape(-1).to(torch.long)
-        if flat.numel() and flat.device.type != "meta":
-            bad = flat[(flat < 0) | (flat >= self.num_rows)]
-            if bad.numel():
-                raise ValueError(f"{name} must lie in [0, {self.num_rows}), got {int(bad[0])} "
-                                 f"({bad.numel()} id(s) out of range)")
+        check_in_range(flat, 0, self.num_rows, name)
         return flat
 
     def forward(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -169,9 +169,10 @@ class TernaryVQCodebook(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("dead_codes", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("reseeded_total", torch.zeros((), dtype=torch.int64, device=device))
-        # Histogram of the last training batch (counts of the codes that occurred): a statistic,
+        # Histogram of the last training batch (a count per code; all codes without a sync): a statistic,
         # not state, so it is an attribute and never enters the state_dict.
         self._last_counts: torch.Tensor | None = None
+        self._host_step: int | None = None
         # Data-parallel training (train/distributed.py) sets this to an object that merges the
         # assignments of every rank and picks the re-seed inputs identically on every rank; it
         # is transient, like the histogram, and None means one process.
@@ -211,44 +212,62 @@ class TernaryVQCodebook(nn.Module):
         sync = self.tracking_sync
         if sync is None:
             calls = 1
-            unique, counts = torch.unique(ids, return_counts=True)  # O(batch): only assigned codes
+            # A histogram over the whole codebook has a fixed shape (no host sync); on a GPU it
+            # costs one pass over num_codes counters, microseconds even at 10M codes.
+            counts = torch.zeros(self.num_codes, dtype=torch.int32, device=ids.device)
+            counts.index_add_(0, ids.reshape(-1), torch.ones(ids.numel(), dtype=torch.int32, device=ids.device))
+            self.usage.copy_(saturating_add(self.usage, counts))
+            self.used_in_window.logical_or_(counts > 0)
         else:  # the assignments of all ranks' calls, which count as `calls` calls
             unique, counts, calls = sync.merge_assignments(self, ids)
-        before = int(self.step)
-        self.step.add_(calls)
-        step = before + calls
-        self.usage.index_copy_(0, unique, saturating_add(self.usage.index_select(0, unique), counts))
-        self.used_in_window.index_fill_(0, unique, True)
+            self.usage.index_copy_(0, unique, saturating_add(self.usage.index_select(0, unique), counts))
+            self.used_in_window.index_fill_(0, unique, True)
         self._last_counts = counts
+        # The step count is mirrored on the host so that the decay and re-seed schedule never
+        # reads the device buffer inside a step (it is read once, after construction or a load).
+        before = int(self.step) if self._host_step is None else self._host_step
+        self.step.add_(calls)
+        step = self._host_step = before + calls
         # "crossed a multiple" is "step % interval == 0" when calls == 1
         if self.usage_decay_interval and step // self.usage_decay_interval > before // self.usage_decay_interval:
             self.usage.bitwise_right_shift_(1)  # usage is never negative: a shift halves it
         if self.reseed_window and step // self.reseed_window > before // self.reseed_window:
             if sync is not None:
                 z2d, dist = sync.reseed_inputs(self, z2d, dist)
-            targets = self._reseed(z2d, dist)
+            targets, reseeded = self._reseed(z2d, dist)
             if sync is not None:
-                sync.codes_reseeded(self, targets)
+                sync.codes_reseeded(self, targets[reseeded])
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_step = None  # re-read from the loaded buffer at the next training forward
 
     @torch.no_grad()
-    def _reseed(self, z2d: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-        """Re-seed dead codes from the worst-reconstructed rows of z2d; returns their ids."""
-        dead = (~self.used_in_window).nonzero().squeeze(1)
-        self.dead_codes.fill_(dead.numel())
-        k = min(dead.numel(), z2d.shape[0])
-        targets = dead[:k]
-        if k:
-            worst = torch.argsort(dist, descending=True, stable=True)[:k]
-            trits, E = ternary_fit(z2d.index_select(0, worst))
-            w = self.codes.weight
-            w.packed.index_copy_(0, targets, pack_trits(trits))
-            w.E.index_copy_(0, targets, E)
-            w.T_accum.index_fill_(0, targets, 0)
-            w.E_accum.index_fill_(0, targets, 0)
-            self.usage.index_fill_(0, targets, 0)
-            self.reseeded_total.add_(k)
+    def _reseed(self, z2d: torch.Tensor, dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-seed dead codes from the worst-reconstructed rows of z2d.
+
+        Fixed shapes (no host sync): ``n = min(rows, num_codes)`` candidate targets, the dead
+        codes first in id order; the first ``min(dead, n)`` are re-seeded, the others are
+        rewritten with their own values. Returns (targets (n,) int64, reseeded (n,) bool).
+        """
+        dead = ~self.used_in_window
+        self.dead_codes.copy_(dead.sum())
+        n = min(z2d.shape[0], self.num_codes)
+        targets = torch.argsort(dead.to(torch.int8), descending=True, stable=True)[:n]
+        reseeded = dead.index_select(0, targets)
+        worst = torch.argsort(dist, descending=True, stable=True)[:n]
+        trits, E = ternary_fit(z2d.index_select(0, worst))
+        w = self.codes.weight
+        keep = ~reseeded
+        w.packed.index_copy_(0, targets, torch.where(keep[:, None], w.packed.index_select(0, targets),
+                                                     pack_trits(trits)))
+        w.E.index_copy_(0, targets, torch.where(keep, w.E.index_select(0, targets), E))
+        for acc in (w.T_accum, w.E_accum):
+            acc.index_copy_(0, targets, acc.index_select(0, targets) * keep.reshape(-1, *[1] * (acc.dim() - 1)))
+        self.usage.index_copy_(0, targets, self.usage.index_select(0, targets) * keep)
+        self.reseeded_total.add_(reseeded.sum())
         self.used_in_window.zero_()
-        return targets
+        return targets, reseeded
 
     # --- ids <-> codes -----------------------------------------------------------------------
     def indices_to_codes(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -279,7 +298,7 @@ class TernaryVQCodebook(nn.Module):
     def stats(self) -> VQStats:
         """Perplexity of the last training batch, live-code fraction (one pass over ``usage``)."""
         counts = self._last_counts
-        perplexity = assignment_perplexity(counts) if counts is not None else 0.0
+        perplexity = assignment_perplexity(counts[counts > 0]) if counts is not None else 0.0
         live = float((self.usage > 0).sum()) / self.num_codes
         return VQStats(perplexity=perplexity, live_fraction=live, dead_codes=int(self.dead_codes),
                        reseeded_total=int(self.reseeded_total))

@@ -65,12 +65,12 @@ class StepStats:
     step: int
     threshold: int
     flips: int | torch.Tensor  # trits that changed value (on CUDA a 0-dim device tensor: read it lazily)
-    trits_updated: int  # trits in the rows the step visited
+    trits_updated: int | torch.Tensor  # trits in the rows the step visited (a 0-dim tensor for sparse states)
     float_params: int  # float parameters stepped by the float optimizer
 
     @property
     def flip_rate(self) -> float:
-        return int(self.flips) / max(1, self.trits_updated)
+        return int(self.flips) / max(1, int(self.trits_updated))
 
 
 class TernaryOptimizer:
@@ -116,7 +116,7 @@ class TernaryOptimizer:
                                      threshold=threshold, scale_threshold=self.rule.scale_threshold,
                                      decay_shift=self.rule.decay_shift, flip_prob=self.rule.flip_prob,
                                      seed=seed, rows=rows)
-            visited += state.cols * (state.rows if rows is None else rows.numel())
+            visited += state.cols * (state.rows if rows is None else (rows >= 0).sum())
         n_float = 0
         if self.float_optimizer is not None:
             self.float_optimizer.step()

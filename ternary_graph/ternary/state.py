@@ -134,14 +134,22 @@ class TernaryState(nn.Module):
             self._touched_rows.append(rows.detach().reshape(-1).to(torch.long))
 
     def take_touched_rows(self) -> torch.Tensor | None:
-        """Unique rows voted on since the last call, or ``None`` for a dense state (all rows)."""
+        """Rows voted on since the last call, or ``None`` for a dense state (all rows).
+
+        CPU: the distinct ids. CUDA: a fixed-size tensor holding each distinct id once and -1
+        elsewhere (no host sync decides its length; the update kernel skips negative ids).
+        """
         if not self.sparse_updates:
             return None
         if not self._touched_rows:
             return torch.empty(0, dtype=torch.long, device=self.packed.device)
-        rows = torch.unique(torch.cat(self._touched_rows))
-        self._touched_rows = []
-        return rows
+        rows, self._touched_rows = torch.cat(self._touched_rows), []
+        if not rows.is_cuda:
+            return torch.unique(rows[rows >= 0])
+        rows = rows.sort().values
+        keep = rows >= 0
+        keep[1:] &= rows[1:] != rows[:-1]
+        return torch.where(keep, rows, -1)
 
     # --- views -------------------------------------------------------------------------
     def scale(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
