@@ -501,11 +501,11 @@ def _train_locked(cfg: TrainConfig, run_dir: pathlib.Path, *, resume: bool, prog
     tokens_per_step = cfg.batch_size * cfg.seq_len
     t_start = time.perf_counter()
     loss_value, val_nats, tok_s = float("nan"), float("nan"), 0.0
+    window_start, window_steps = time.perf_counter(), 0  # tokens/s is measured between host reads
     step = start
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or not lead, unit="step", dynamic_ncols=True)
     try:
         while step < cfg.steps and not interrupted:
-            t0 = time.perf_counter()
             if opt.float_optimizer is not None:
                 for group in opt.float_optimizer.param_groups:
                     group["lr"] = cosine_lr(step, cfg.steps, cfg.lr)
@@ -517,10 +517,19 @@ def _train_locked(cfg: TrainConfig, run_dir: pathlib.Path, *, resume: bool, prog
                                              None if kg_term is None else functools.partial(kg_term, step=step))
             if vote_sync is not None:  # a Ctrl-C seen by one rank stops every rank at the same step
                 interrupted = vote_sync.agree(interrupted)
-            loss_value = float(out.lm_loss.detach())
             step += 1
-            tok_s = tokens_per_step / (time.perf_counter() - t0)
+            window_steps += 1
             record = None
+            evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+            if step % cfg.log_every == 0 or evaluating or interrupted:
+                # The only host reads of the step: on a GPU each waits for the queued work, so
+                # they happen once per log interval, never every step.
+                loss_value = float(out.lm_loss.detach())
+                now = time.perf_counter()
+                tok_s = window_steps * tokens_per_step / (now - window_start)
+                window_start, window_steps = now, 0
+                bar.set_postfix(loss=f"{loss_value:.3f}", val_bpb=f"{val_nats * NATS_TO_BITS:.3f}",
+                                tok_s=f"{tok_s:,.0f}")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 record = {"step": step, "train_loss": loss_value, "train_bits_per_byte": loss_value * NATS_TO_BITS,
                           "aux_loss": float(out.aux_loss.detach()), "tokens_per_s": tok_s, "memory_bytes": _memory_bytes(cfg.device),
@@ -530,7 +539,7 @@ def _train_locked(cfg: TrainConfig, run_dir: pathlib.Path, *, resume: bool, prog
                     record["exchange"] = vote_sync.last_stats.as_dict()
                 if kg_term is not None:
                     record["kg_loss"] = kg_loss
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if evaluating:
                 val_nats = evaluate(model, val_ds, cfg)
                 record = record or {"step": step, "train_loss": loss_value}
                 record.update({"val_loss": val_nats, "val_bits_per_byte": val_nats * NATS_TO_BITS})
@@ -538,8 +547,9 @@ def _train_locked(cfg: TrainConfig, run_dir: pathlib.Path, *, resume: bool, prog
                 _append_jsonl(metrics_path, record)
             if lead and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 save_run_checkpoint(run_dir, step, model, opt, cfg, cfg.keep_last, corpus)
+            if evaluating or step % cfg.checkpoint_every == 0:
+                window_start = time.perf_counter()  # evaluation and checkpoints are not training time
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", val_bpb=f"{val_nats * NATS_TO_BITS:.3f}", tok_s=f"{tok_s:,.0f}")
         if interrupted and step % cfg.checkpoint_every != 0 and lead:
             path = save_run_checkpoint(run_dir, step, model, opt, cfg, cfg.keep_last, corpus)
             bar.write(f"interrupted at step {step}: checkpoint written to {path}")
