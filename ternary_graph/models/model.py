@@ -25,6 +25,8 @@ from ..config import ModelConfig
 from ..graph.moegraph import MoEGraph
 from ..nn.attention import CausalSelfAttention, KVCache, rms_norm
 from ..nn.factory import check_weights, make_embedding, make_linear
+from ..nn.grouped import TernaryGroupedLinear
+from ..nn.linear import TernaryLinear
 from ..nn.vq import KGVQCodebook, TernaryVQCodebook
 from ..precision import autocast_for
 from . import generate as _generation
@@ -163,6 +165,17 @@ class TernaryGraphLM(nn.Module):
         (B, T + max_new_tokens). See :func:`ternary_graph.models.generate.generate`."""
         return _generation.generate(self, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                     seed=seed)
+
+    def prepare_inference(self) -> "TernaryGraphLM":
+        """Eval mode, and a decode copy (2-bit layout, ``kernels/ternary_gemv.py``) in every ternary
+        linear layer, used by no-grad forwards of at most 16 rows per layer on CUDA (the decode
+        steps of :meth:`generate`). The copies are plain attributes, not state (``state_dict`` is
+        unchanged); ``train()`` drops them. Returns ``self``. A float model has none to build."""
+        self.eval()
+        for module in self.modules():
+            if isinstance(module, (TernaryLinear, TernaryGroupedLinear)):
+                module.prepare_inference()
+        return self
 
     def kg_scores(self, hidden: torch.Tensor, relation_ids: torch.Tensor, candidate_codes: torch.Tensor) -> torch.Tensor:
         """Score KG candidates (ids into the KG codebook) for each hidden state and relation."""

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..kernels.grouped_linear import TernaryGroupedLinearFunction, grouped_gemm_applies, grouped_linear_forward
+from ..kernels.ternary_gemv import DecodeWeights
 from ..ternary.state import TernaryState
 from .factory import check_weights
 from .linear import check_activation, grad_anchor
@@ -32,6 +33,7 @@ class TernaryGroupedLinear(nn.Module):
     ``weight`` is one TernaryState of ``num_groups · out_features`` rows; group g owns rows
     ``g·out_features .. (g+1)·out_features - 1`` (:meth:`group_rows`). With ``draw_now=False``
     the trits start at zero and the owner draws each group with :meth:`reset_group`.
+    :meth:`prepare_inference` adds a decode copy of the stack, as ``TernaryLinear`` does.
 
     Shapes:
         x: (M, in_features), rows sorted by group; offsets: (G,) int32/int64 cumulative counts
@@ -46,6 +48,21 @@ class TernaryGroupedLinear(nn.Module):
         self.num_groups, self.in_features, self.out_features = num_groups, in_features, out_features
         self.weight = TernaryState(num_groups * out_features, in_features, zero_fraction=zero_fraction,
                                    device=device, generator=generator, draw=draw_now)
+        self.inference_copy: DecodeWeights | None = None  # transient, see prepare_inference
+
+    def prepare_inference(self) -> None:
+        """Build the decode copy of all groups' current weights (call in eval mode, after training)."""
+        self.inference_copy = DecodeWeights.from_state(self.weight.packed, self.weight.E, self.in_features,
+                                                       groups=self.num_groups)
+
+    def train(self, mode: bool = True) -> "TernaryGroupedLinear":
+        if mode:  # the next optimizer step would leave the copy stale
+            self.inference_copy = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.inference_copy = None  # new weights: the copy no longer matches them
+        super()._load_from_state_dict(*args, **kwargs)
 
     def group_rows(self, group: int) -> slice:
         return slice(group * self.out_features, (group + 1) * self.out_features)
@@ -62,6 +79,9 @@ class TernaryGroupedLinear(nn.Module):
             raise ValueError(f"offsets must have shape ({self.num_groups},), got {tuple(offsets.shape)}")
         w = self.weight
         if not torch.is_grad_enabled():
+            copy = self.inference_copy
+            if copy is not None and not self.training and copy.applies(x):
+                return copy(x, offsets)
             return grouped_linear_forward(x, w.packed, w.E, offsets, self.in_features)
         return TernaryGroupedLinearFunction.apply(x, grad_anchor(x), w.packed, w.E, w.T_accum, w.E_accum, offsets,
                                                   self.in_features, w.vote_magnitude)

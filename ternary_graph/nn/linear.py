@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.ternary_gemv import DecodeWeights
 from ..kernels.ternary_linear import SUPPORTED_DTYPES, TernaryLinearFunction, linear_forward
 from ..ternary.state import TernaryState
 
@@ -36,6 +37,10 @@ class TernaryLinear(nn.Module):
     ``weight.T_accum`` (and row-scale votes into ``weight.E_accum``); a
     :class:`~ternary_graph.ternary.optimizer.TernaryOptimizer` turns votes into trit steps.
 
+    :meth:`prepare_inference` adds a decode copy of the weights (2-bit layout,
+    ``kernels/ternary_gemv.py``): a plain attribute, not state, used by no-grad eval forwards of at
+    most 16 rows on CUDA, and dropped by ``train()`` and by loading a state dict.
+
     Shapes:
         x: (*, in_features) float32 / bfloat16 / float16 / float64
         returns: (*, out_features), same dtype as x
@@ -51,11 +56,28 @@ class TernaryLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = TernaryState(out_features, in_features, zero_fraction=zero_fraction,
                                    init_scale=init_scale, device=device, generator=generator)
+        self.inference_copy: DecodeWeights | None = None  # transient, see prepare_inference
+
+    def prepare_inference(self) -> None:
+        """Build the decode copy of the current weights (call in eval mode, after training)."""
+        self.inference_copy = DecodeWeights.from_state(self.weight.packed, self.weight.E, self.in_features)
+
+    def train(self, mode: bool = True) -> "TernaryLinear":
+        if mode:  # the next optimizer step would leave the copy stale
+            self.inference_copy = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.inference_copy = None  # new weights: the copy no longer matches them
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_activation(x, self.in_features, self.weight.packed.device)
         w = self.weight
         if not torch.is_grad_enabled():
+            copy = self.inference_copy
+            if copy is not None and not self.training and copy.applies(x):
+                return copy(x)
             return linear_forward(x, w.packed, w.E, self.in_features)
         return TernaryLinearFunction.apply(x, grad_anchor(x), w.packed, w.E, w.T_accum, w.E_accum,
                                            self.in_features, w.vote_magnitude)
