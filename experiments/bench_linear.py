@@ -33,8 +33,10 @@ GEMV_FMA_CONFIGS = [dict(BN=8, BKB=128, warps=2), dict(BN=4, BKB=128, warps=1), 
                     dict(BN=16, BKB=256, warps=4), dict(BN=4, BKB=256, warps=1)]
 GEMM_CONFIGS = [dict(BM=256, BN=128, BK=64, warps=8, stages=3)]
 # epilogue of the cuBLAS votes path: rows per program, columns per step, warps
-DW_VOTES_CONFIGS = [dict(BR=4, BC=256, warps=4), dict(BR=8, BC=256, warps=4), dict(BR=2, BC=512, warps=4),
-                    dict(BR=16, BC=128, warps=4)]
+DW_VOTES_CONFIGS = [dict(BR=4, BC=256, warps=4), dict(BR=2, BC=512, warps=4), dict(BR=1, BC=1024, warps=4),
+                    dict(BR=2, BC=1024, warps=8), dict(BR=4, BC=512, warps=8)]
+# dW chunk sizes (elements): 8M bf16 = 16 MB stays in the 50 MB L2 between the GEMM and the epilogue
+DW_CHUNKS = [1 << 23, 1 << 25]
 
 
 def _copies(bytes_per_set: float) -> int:
@@ -205,13 +207,17 @@ def main() -> int:
             cublas_ok = float((T_acc.float() == torch.sign(dW))[decided].float().mean())
             del dW, decided, T_acc, E_acc
             default_cfg = dict(kern.DW_VOTES_CONFIG)
-            for cfg in DW_VOTES_CONFIGS:
-                kern.DW_VOTES_CONFIG.update(cfg)
-                t = bench(Rotator(acc_sets)(lambda x, p, e, g, ta, ea: kern.backward_triton(
-                    g, x, p, e, ta, ea, K, 1, True, path="cublas")), args.reps_ms)
-                add(shape, f"bwd M={M}", f"cublas BR{cfg['BR']}BC{cfg['BC']}w{cfg['warps']}", t, base_b,
-                    packed_bytes, err, f"dX+votes, dW chunks of {kern.DW_CHUNK_ELEMENTS} elements; "
-                    f"vote agreement {cublas_ok:.6f} (prev. path {vote_ok:.6f})")
+            default_chunk = kern.DW_CHUNK_ELEMENTS
+            for chunk in DW_CHUNKS:
+                kern.DW_CHUNK_ELEMENTS = chunk
+                for cfg in DW_VOTES_CONFIGS:
+                    kern.DW_VOTES_CONFIG.update(cfg)
+                    t = bench(Rotator(acc_sets)(lambda x, p, e, g, ta, ea: kern.backward_triton(
+                        g, x, p, e, ta, ea, K, 1, True, path="cublas")), args.reps_ms)
+                    add(shape, f"bwd M={M}", f"cublas{chunk >> 20}M BR{cfg['BR']}BC{cfg['BC']}w{cfg['warps']}", t,
+                        base_b, packed_bytes, err, f"dX+votes, dW chunks of {chunk} elements; "
+                        f"vote agreement {cublas_ok:.6f} (prev. path {vote_ok:.6f})")
+            kern.DW_CHUNK_ELEMENTS = default_chunk
             kern.DW_VOTES_CONFIG.clear()
             kern.DW_VOTES_CONFIG.update(default_cfg)
 

@@ -7,6 +7,7 @@ it times, in the same run:
 
 * ``ternary``: ``TernaryGraphLM`` with bf16 activations, one ``train_step`` (forward, backward
   casting int8 votes, ``TernaryOptimizer.step()``, ``update_graph()``);
+* ``ternary+graph``: the same step replayed as a CUDA graph (``train/capture.py``, ``--cuda-graph``);
 * ``float``: the same architecture with float weights (AdamW, fused), the float twin;
 * ``reference``: what a user would pick instead: a nanoGPT-style dense transformer of the same
   dim / layers / heads whose SwiGLU FFN is as wide as the active experts (top_k × expert_hidden),
@@ -41,6 +42,7 @@ from torch import nn
 
 from ternary_graph.config import get_preset
 from ternary_graph.models.model import build_model
+from ternary_graph.train.capture import CapturedTrainStep
 from ternary_graph.train.loop import TrainConfig, build_optimizer, train_step
 
 SHAPES = {"tiny": (64, 256), "small": (32, 512), "default_3b": (8, 1024)}
@@ -104,9 +106,16 @@ def _make_step(kind: str, preset: str, B: int, T: int):
             opt.zero_grad(set_to_none=True)
             return loss
         return model, step
-    model = build_model(cfg, weights=kind, device="cuda", seed=0, compute_dtype=torch.bfloat16)
-    opt = build_optimizer(model, TrainConfig(preset=preset, weights=kind, device="cuda"))
+    weights = "ternary" if kind == "ternary+graph" else kind
+    model = build_model(cfg, weights=weights, device="cuda", seed=0, compute_dtype=torch.bfloat16)
+    opt = build_optimizer(model, TrainConfig(preset=preset, weights=weights, device="cuda"))
     model.train()
+    if kind == "ternary+graph":
+        captured = CapturedTrainStep(model, opt, train_step)
+
+        def step(x, y):
+            return captured(x, y)[0].lm_loss
+        return model, step
 
     def step(x, y):
         out, _, _ = train_step(model, opt, x, y)
@@ -114,13 +123,19 @@ def _make_step(kind: str, preset: str, B: int, T: int):
     return model, step
 
 
-def _launches_per_step(step, x, y) -> int:
+def _profile_step(step, x, y) -> tuple[int, list[str]]:
+    """Kernel launches of one step, and its ten most expensive CUDA kernels."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step(x, y)
         torch.cuda.synchronize()
     names = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
-    return sum(e.count for e in prof.key_averages() if e.key in names)
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in names)
+    gpu = sorted((e for e in events if getattr(e, "device_time_total", 0) > 0 and e.key not in names),
+                 key=lambda e: -e.self_device_time_total)[:10]
+    top = [f"{e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key[:90]}" for e in gpu]
+    return launches, top
 
 
 def measure(kind: str, preset: str, steps: int, warmup: int, log) -> dict:
@@ -145,12 +160,15 @@ def measure(kind: str, preset: str, steps: int, warmup: int, log) -> dict:
         stop.synchronize()
         times.append(start.elapsed_time(stop))
     peak = torch.cuda.max_memory_allocated()
-    launches = _launches_per_step(step, *_batch(B, T, gen))
+    launches, top = _profile_step(step, *_batch(B, T, gen))
     ms = statistics.median(times)
     row = dict(preset=preset, kind=kind, batch=B, seq=T, median_ms=ms, min_ms=min(times), max_ms=max(times),
                tokens_per_s=B * T / ms * 1e3, launches=launches, peak_gb=peak / 1e9, state_gb=state_bytes / 1e9,
                final_loss=float(loss))
     log(json.dumps(row))
+    log(f"  top CUDA time of one {preset}/{kind} step:")
+    for line in top:
+        log("    " + line)
     del model, step
     gc.collect()
     torch.cuda.empty_cache()
@@ -197,7 +215,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/bench_train"))
     ap.add_argument("--presets", default="tiny,small,default_3b")
-    ap.add_argument("--kinds", default="ternary,float,reference")
+    ap.add_argument("--kinds", default="ternary,ternary+graph,float,reference")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--sync-report", action="store_true")

@@ -56,6 +56,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--micro-batches", type=int, default=d.micro_batches,
                    help="backward passes per step over all ranks, each casting its own votes (default %(default)s)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each training step as one CUDA graph (ternary models on CUDA; see docs/kernels.md)")
     p.add_argument("--distributed", action="store_true",
                    help="data parallel over the ranks torchrun starts (see docs/distributed.md)")
     p.add_argument("--backend", default="auto", choices=("auto", "nccl", "gloo"),
@@ -91,7 +93,7 @@ def _train(args: argparse.Namespace) -> int:
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, keep_last=args.keep_last,
                       device=resolve_device(args.device), dtype=args.dtype,
                       seed=args.seed, data=args.data, out=out, threads=args.threads, task=args.task,
-                      kg_weight=args.kg_weight)
+                      kg_weight=args.kg_weight, cuda_graph=args.cuda_graph)
     cfg = dataclasses.replace(cfg, micro_batches=args.micro_batches)
     if args.distributed:
         from .train.distributed import DistributedError, init_distributed, shutdown

@@ -35,17 +35,18 @@ def _batch(step: int, B: int = 8, T: int = 256):
 def test_bf16_training_steps(weights):
     model, opt = _small_model(weights)
     gu = model.blocks[0].moe.experts.gate_up
-    before = (gu.weight.packed.clone() if weights == "ternary" else gu.weight.detach().clone())
+    before = gu.weight.detach().clone() if weights == "float" else None
     losses = []
     for step in range(4):
         out, stats, _ = train_step(model, opt, *_batch(step))
         assert out.logits.dtype == torch.bfloat16 and out.lm_loss.dtype == torch.float32
         losses.append(float(out.lm_loss))
     assert all(math.isfinite(v) for v in losses) and abs(losses[0] - math.log(256)) < 1.0, losses
-    after = gu.weight.packed if weights == "ternary" else gu.weight.detach()
-    assert not torch.equal(before, after), "the grouped experts did not learn"
-    if weights == "ternary":
-        assert int(stats.flips) > 0
+    if weights == "float":
+        assert not torch.equal(before, gu.weight.detach()), "the grouped experts did not learn"
+    else:  # four steps of ±4 votes stay below θ = 24: the votes are there, the flips come later
+        assert (gu.weight.T_accum != 0).float().mean() > 0.5, "the grouped experts cast no votes"
+        assert int(stats.flips) >= 0
 
 
 def test_train_step_does_not_synchronise_the_host():
@@ -62,3 +63,43 @@ def test_train_step_does_not_synchronise_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert math.isfinite(float(out.lm_loss)) and int(stats.flips) >= 0
+
+
+def test_captured_step_matches_eager_steps():
+    """The same 5 batches through eager steps and through a CUDA-graph replay (step 0 eager +
+    capture, then replays) leave the same trits, the same edges and nearly the same votes
+    (CUDA float atomics may tip ties)."""
+    from ternary_graph.train.capture import CapturedTrainStep
+
+    batches = [_batch(10 + i) for i in range(5)]
+    eager, eager_opt = _small_model()
+    losses_eager = [float(train_step(eager, eager_opt, x, y)[0].lm_loss) for x, y in batches]
+    graphed, graphed_opt = _small_model()
+    step = CapturedTrainStep(graphed, graphed_opt, train_step)
+    losses_graph = []
+    for x, y in batches:
+        out, stats = step(x, y)
+        losses_graph.append(float(out.lm_loss))
+    assert step.captures == 1 and graphed_opt.step_count == eager_opt.step_count == 5
+    assert losses_graph == pytest.approx(losses_eager, rel=2e-3)
+    for (name, a), (_, b) in zip(eager.state_dict().items(), graphed.state_dict().items()):
+        if a.numel() == 0:
+            continue
+        if name.endswith("T_accum"):
+            assert (a == b).float().mean() > 0.99, name
+        elif name.endswith(("packed", "edge_index", "E")):
+            assert (a == b).float().mean() > 0.999, name
+    vq_e, vq_g = eager.shared_vq, graphed.shared_vq
+    assert int(vq_e.step) == int(vq_g.step) and vq_g._host_step == vq_e._host_step
+
+
+def test_capture_refuses_what_a_graph_would_freeze():
+    from ternary_graph.train.capture import CapturedTrainStep
+    from ternary_graph.ternary.optimizer import TernaryOptimizer, UpdateRule
+
+    model, _ = _small_model()
+    with pytest.raises(ValueError, match="flip_prob=1.0"):
+        CapturedTrainStep(model, TernaryOptimizer(model, UpdateRule(flip_prob=0.5)), train_step)
+    float_model, float_opt = _small_model("float")
+    with pytest.raises(ValueError, match="ternary models only"):
+        CapturedTrainStep(float_model, float_opt, train_step)

@@ -319,6 +319,13 @@ def test_bogus_device_is_one_line(capsys):
     assert "device" in line and "'bogus'" in line
 
 
+def test_cuda_graph_on_cpu_is_one_line(corpus_file, tmp_path, capsys):
+    code, _, err = run_main(capsys, "train", "--device", "cpu", "--cuda-graph", "--steps", "2", "--data",
+                            str(corpus_file), "--out", str(tmp_path / "run"), "--no-progress")
+    assert code == 2
+    assert "CUDA-graph capture needs a model on a CUDA device, got cpu" in one_error_line(err)
+
+
 def test_negative_threads_is_one_line(capsys):
     code, _, err = run_main(capsys, "train", "--threads", "-2", "--out", "unused")
     assert code == 2

@@ -433,9 +433,7 @@ def merge_active_edges(src: torch.Tensor, dst: torch.Tensor, score: torch.Tensor
     # capacity: the best `capacity` of the kept survive (score, then existing before new, then pool order)
     rank_key = torch.where(keep, ((127 - p_score.long()) << 1) | p_new.long(), 1 << 20)
     best = torch.argsort(rank_key, stable=True)[:capacity]
-    survive = torch.zeros_like(keep)
-    survive[best] = True
-    survive &= keep
+    survive = torch.zeros_like(keep).index_fill_(0, best, True) & keep  # index_fill_: no host-side value copy
     final_key = torch.where(survive, p_src * num_experts + p_dst, torch.iinfo(torch.int64).max)
     idx = torch.argsort(final_key, stable=True)[:capacity]
     ok = survive[idx]

@@ -173,6 +173,10 @@ class TernaryVQCodebook(nn.Module):
         # not state, so it is an attribute and never enters the state_dict.
         self._last_counts: torch.Tensor | None = None
         self._host_step: int | None = None
+        # Set by a captured training step: _track then only accumulates, and the decay/re-seed
+        # schedule runs in run_schedule() between replays. _deferred: (z2d, dist, calls) pending.
+        self.defer_schedule = False
+        self._deferred: tuple[torch.Tensor, torch.Tensor, int] | None = None
         # Data-parallel training (train/distributed.py) sets this to an object that merges the
         # assignments of every rank and picks the re-seed inputs identically on every rank; it
         # is transient, like the histogram, and None means one process.
@@ -223,11 +227,29 @@ class TernaryVQCodebook(nn.Module):
             self.usage.index_copy_(0, unique, saturating_add(self.usage.index_select(0, unique), counts))
             self.used_in_window.index_fill_(0, unique, True)
         self._last_counts = counts
+        self.step.add_(calls)
+        if self.defer_schedule:  # a captured step: the owner calls run_schedule() after each replay
+            self._deferred = (z2d, dist, self._deferred[2] + calls if self._deferred else calls)
+            return
+        self._run_schedule(calls, z2d, dist)
+
+    def run_schedule(self) -> None:
+        """Apply the usage decay and dead-code re-seeding due for the forwards tracked since the
+        last call, using the last tracked batch (``defer_schedule`` mode, e.g. a training step
+        replayed as a CUDA graph, where nothing can be decided on the host inside the step)."""
+        if self._deferred is None:
+            return
+        z2d, dist, calls = self._deferred
+        self._deferred = None
+        self._run_schedule(calls, z2d, dist)
+
+    @torch.no_grad()
+    def _run_schedule(self, calls: int, z2d: torch.Tensor, dist: torch.Tensor) -> None:
+        sync = self.tracking_sync
         # The step count is mirrored on the host so that the decay and re-seed schedule never
         # reads the device buffer inside a step (it is read once, after construction or a load).
-        before = int(self.step) if self._host_step is None else self._host_step
-        self.step.add_(calls)
-        step = self._host_step = before + calls
+        step = int(self.step) if self._host_step is None else self._host_step + calls
+        before, self._host_step = step - calls, step
         # "crossed a multiple" is "step % interval == 0" when calls == 1
         if self.usage_decay_interval and step // self.usage_decay_interval > before // self.usage_decay_interval:
             self.usage.bitwise_right_shift_(1)  # usage is never negative: a shift halves it

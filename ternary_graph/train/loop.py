@@ -33,6 +33,7 @@ from ..models.model import build_model
 from ..precision import DTYPE_CHOICES, resolve_dtype
 from ..ternary.optimizer import TernaryOptimizer, UpdateRule
 from ..ternary.state import float_parameters
+from .capture import CapturedTrainStep
 from .checkpoint import (CheckpointError, atomic_write_text, capture_rng_state, latest_checkpoint, load_checkpoint,
                          load_state_dict_strict, restore_rng_state, run_dir_lock, save_checkpoint)
 from .device import resolve_device
@@ -47,7 +48,7 @@ MAX_PACKED_BYTE = 242  # 3**5 - 1: five trits per byte, base 3
 # Fields a --resume may change: they decide where and how long the run goes, not what it
 # computes (dtype: a checkpoint holds no float activations and loads at either precision;
 # data: the corpus is compared by its content fingerprint instead, so a moved corpus resumes).
-RESUMABLE_FIELDS = frozenset({"steps", "device", "dtype", "out", "threads", "data"})
+RESUMABLE_FIELDS = frozenset({"steps", "device", "dtype", "out", "threads", "data", "cuda_graph"})
 
 
 @dataclass
@@ -80,6 +81,7 @@ class TrainConfig:
     out: str = "runs/tiny"  # run folder
     threads: int = 0  # torch CPU threads (0: torch's default)
     micro_batches: int = 1  # split each batch into this many backward passes (votes cast per micro batch)
+    cuda_graph: bool = False  # replay the training step as a CUDA graph (train/capture.py; ternary, CUDA only)
     task: str = "lm"  # "lm", or "lm+kg": add the composite head's KG link-prediction loss every step
     kg_weight: float = 0.1  # lm+kg: weight of the KG loss
     kg_batch: int = 16  # lm+kg: training triples per step (head names encoded through the LM)
@@ -465,6 +467,12 @@ def _train_locked(cfg: TrainConfig, run_dir: pathlib.Path, *, resume: bool, prog
     if lead:
         _warn_if_lr_unused(model, cfg)
     kg_term = kg_loss_term(cfg, model_cfg) if cfg.task == "lm+kg" else None
+    captured = None
+    if cfg.cuda_graph:
+        if vote_sync is not None or kg_term is not None:
+            raise ValueError("--cuda-graph captures a single-process language-model step; it cannot be combined "
+                             f"with --distributed or --task {cfg.task}")
+        captured = CapturedTrainStep(model, opt, functools.partial(train_step, micro_batches=cfg.micro_batches))
     metrics_path = run_dir / "metrics.jsonl"
     start = 0
     if resume:
@@ -512,9 +520,12 @@ def _train_locked(cfg: TrainConfig, run_dir: pathlib.Path, *, resume: bool, prog
             x, y = train_ds.sample_batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
             if world > 1:
                 x, y = x.chunk(world)[rank], y.chunk(world)[rank]
-            out, stats, kg_loss = train_step(model, opt, x.to(cfg.device), y.to(cfg.device),
-                                             cfg.micro_batches // world, vote_sync,
-                                             None if kg_term is None else functools.partial(kg_term, step=step))
+            if captured is not None:
+                (out, stats), kg_loss = captured(x.to(cfg.device), y.to(cfg.device)), float("nan")
+            else:
+                out, stats, kg_loss = train_step(model, opt, x.to(cfg.device), y.to(cfg.device),
+                                                 cfg.micro_batches // world, vote_sync,
+                                                 None if kg_term is None else functools.partial(kg_term, step=step))
             if vote_sync is not None:  # a Ctrl-C seen by one rank stops every rank at the same step
                 interrupted = vote_sync.agree(interrupted)
             step += 1
