@@ -57,7 +57,7 @@ VOTES_CONFIG = dict(BN=64, BJ=128, BM=64, warps=4, stages=4)  # best of the swee
 # chunk is turned into votes by _dw_votes_kernel before the next one is computed. 32M elements
 # are 64 MiB in bf16 (128 MiB in fp32), whatever the size of the matrix (docs/memory.md).
 DW_CHUNK_ELEMENTS = 1 << 25
-DW_VOTES_CONFIG = dict(BR=4, BC=256, warps=4)
+DW_VOTES_CONFIG = dict(BR=2, BC=512, warps=4)  # best of the sweep in docs/kernels.md
 # From this M on, "auto" forward takes the dense workspace + torch matmul (0.79-0.87x bf16 at
 # M = 4096, against 0.19-0.24x for the fused plane GEMM); below it the fused "dot" kernel, whose
 # cost grows with M/16 weight decodes. The crossover is estimated from the M = 1 and M = 4096
