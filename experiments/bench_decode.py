@@ -15,8 +15,11 @@ goes on; a section that would overrun ``--budget-s`` is skipped and says so):
 3. Models (small, default_3b, bf16 activations): time to first token of a 512-byte prompt, and
    batch-1 greedy decode tokens/s through ``decode_stream`` (the loop ``model.generate`` runs),
    for the ternary model without and with ``prepare_inference()`` and for the float twin with
-   bf16 weights; GPU kernel time and kernel launches per decode step (torch.profiler); and how
-   far the decode-step logits with the copy are from those of the training kernels.
+   bf16 weights, each with the eager decode step (``cuda_graph=False``) and with the step
+   replayed as a CUDA graph (``models/decode_graph.py``; its capture time is reported apart,
+   and its device time per replay by CUDA events); GPU kernel time and kernel launches per
+   decode step (torch.profiler); how far the decode-step logits with the copy are from those of
+   the training kernels, and those of a replay from the eager step's.
 
 Timing. Operands are fresh random trits / normals, rotated over copies that together exceed
 200 MB (L2 is 50 MB), so no timed call finds its weights in cache. A GEMV here takes a few µs,
@@ -368,25 +371,34 @@ def prompt_ids(device: torch.device, n: int) -> tuple[torch.Tensor, str]:
     return torch.tensor(list(data), dtype=torch.long, device=device)[None], source
 
 
-def ttft_ms(model, ids: torch.Tensor, reps: int = 3) -> float:
+def open_decoder(model, graph: bool):
+    """The decoder ``decode_stream`` uses: the model's cached CUDA graph, or the eager step."""
+    from ternary_graph.models.decode_graph import StepDecoder, decode_graph
+
+    return decode_graph(model, 1) if graph else StepDecoder(model, 1)
+
+
+def ttft_ms(model, ids: torch.Tensor, graph: bool, reps: int = 3) -> float:
+    """Prefill (the ordinary forward, the same with or without a graph) to the first token on the host."""
     times = []
-    with torch.no_grad():
+    decoder = open_decoder(model, graph)
+    try:
         for _ in range(reps + 1):
-            cache = model.new_kv_cache(1)
             sync()
             t0 = time.perf_counter()
-            token = model(ids, kv_cache=cache).logits[:, -1].argmax(-1)
-            token.item()
+            decoder.prefill(ids).argmax(-1).item()
             times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        decoder.release()
     return statistics.median(times[1:])  # the first run warms up
 
 
-def decode_tokens_per_s(model, ids: torch.Tensor, new_tokens: int, reps: int = 2) -> float:
+def decode_tokens_per_s(model, ids: torch.Tensor, new_tokens: int, graph: bool, reps: int = 2) -> float:
     from ternary_graph.models.generate import decode_stream
 
     rates = []
     for _ in range(reps):
-        stream = decode_stream(model, ids, new_tokens, temperature=0.0)
+        stream = decode_stream(model, ids, new_tokens, temperature=0.0, cuda_graph=graph)
         next(stream).item()  # prefill and the first token: not decode steps
         t0 = time.perf_counter()
         steps = sum(1 for _ in stream)
@@ -395,19 +407,22 @@ def decode_tokens_per_s(model, ids: torch.Tensor, new_tokens: int, reps: int = 2
     return max(rates)
 
 
-def gpu_per_step(model, ids: torch.Tensor, steps: int = 8) -> tuple[float, float]:
-    """(GPU kernel ms, kernel launches) per decode step, from torch.profiler."""
+def gpu_per_step(model, ids: torch.Tensor, graph: bool, steps: int = 8) -> tuple[float, float]:
+    """(GPU kernel ms, kernel launches) per decode step (token copy, step, argmax), from torch.profiler.
+    A graph replay counts as one launch (cudaGraphLaunch); its kernels count in the GPU time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad():
-        cache = model.new_kv_cache(1)
-        token = model(ids, kv_cache=cache).logits[:, -1].argmax(-1)
+    decoder = open_decoder(model, graph)
+    try:
+        token = decoder.prefill(ids).argmax(-1)
         sync()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                token = model(token[:, None], kv_cache=cache).logits[:, -1].argmax(-1)
+                token = decoder.step(token).argmax(-1)
             sync()
+    finally:
+        decoder.release()
     events = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
     names = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
@@ -415,20 +430,45 @@ def gpu_per_step(model, ids: torch.Tensor, steps: int = 8) -> tuple[float, float
     return kernel_us / 1e3 / steps, launches / steps
 
 
-def step_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        cache = model.new_kv_cache(1)
-        model(ids, kv_cache=cache)
-        return model(ids[:, -1:], kv_cache=cache).logits[:, -1].float()
+def replay_ms(model, ids: torch.Tensor, steps: int = 16) -> float:
+    """Device time per graph replay, by CUDA events around back-to-back steps (the host queues a
+    replay in microseconds, so the GPU never waits for it): the step's GPU time including the gaps
+    between its kernels, which the profiler's kernel sum leaves out."""
+    decoder = open_decoder(model, True)
+    try:
+        decoder.prefill(ids)
+        token = torch.zeros(1, dtype=torch.long, device=ids.device)
+        steps = min(steps, decoder.max_len - decoder.length)
+        decoder.step(token)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps - 1):
+            decoder.step(token)
+        end.record()
+        sync()
+    finally:
+        decoder.release()
+    return start.elapsed_time(end) / max(steps - 1, 1)
+
+
+def step_logits(model, ids: torch.Tensor, graph: bool) -> torch.Tensor:
+    """Logits of one decode step (the prompt's last byte again) after prefilling the prompt."""
+    decoder = open_decoder(model, graph)
+    try:
+        decoder.prefill(ids)
+        return decoder.step(ids[:, -1]).float().clone()
+    finally:
+        decoder.release()
 
 
 def model_section(b: Bench, preset: str, new_tokens: int, ids: torch.Tensor) -> None:
     from ternary_graph.config import get_preset
+    from ternary_graph.models.decode_graph import clear_decode_graphs, decode_graph
     from ternary_graph.models.model import build_model
 
     cfg = get_preset(preset)
     for kind in ("ternary", "float"):
-        need = 60 if preset == "default_3b" else 20
+        need = 75 if preset == "default_3b" else 25
         if not b.has_time(need, f"{preset} {kind} decode"):
             return
         model = None
@@ -441,51 +481,82 @@ def model_section(b: Bench, preset: str, new_tokens: int, ids: torch.Tensor) -> 
             sync()
             mem = torch.cuda.memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
             b.log(f"=== {preset} {kind}: built in {time.monotonic() - t0:.1f} s, {mem:.1f} GiB allocated")
-            # warm-up: compiles every kernel of prefill and decode
-            decode_tokens_per_s(model, ids, 4, reps=1)
-            runs = [("float twin, bf16 weights", None)] if kind == "float" else \
-                [("ternary, training kernels", False), ("ternary, prepare_inference", True)]
-            logits_plain = None
-            for label, prepared in runs:
-                if prepared:
+            # warm-up: compiles every kernel of prefill and of the eager decode step
+            decode_tokens_per_s(model, ids, 4, False, reps=1)
+            base = "float twin, bf16 weights" if kind == "float" else None
+            # (label, prepare_inference first?, CUDA graph?)
+            runs = [(base, None, False), (f"{base}, CUDA graph", None, True)] if kind == "float" else [
+                ("ternary, training kernels", False, False), ("ternary, training kernels, CUDA graph", False, True),
+                ("ternary, prepare_inference", True, False), ("ternary, prepare_inference, CUDA graph", True, True)]
+            is_prepared = False
+            logits_plain = None  # the training kernels' step logits
+            logits_eager = None  # the eager step's logits of the current weights (a graph row compares)
+            for label, prepared, graph in runs:
+                if graph and DEVICE != "cuda":
+                    b.log(f"{preset} {label}: skipped (a CUDA graph needs --device cuda)")
+                    continue
+                # an eager row decodes at a few tens of tokens/s; a graph row mostly waits for its capture
+                row_need = (8 if graph else 15) * (2 if preset == "default_3b" else 1)
+                if not b.has_time(row_need, f"{preset} {label}"):
+                    break
+                if prepared and not is_prepared:
                     t1 = time.monotonic()
                     model.prepare_inference()
+                    is_prepared = True
                     sync()
                     copy_bytes = sum(m.inference_copy.nbytes for m in model.modules()
                                      if getattr(m, "inference_copy", None) is not None)
                     b.log(f"{preset}: prepare_inference {time.monotonic() - t1:.2f} s, decode copies "
                           f"{copy_bytes / 2**20:.0f} MiB")
-                    decode_tokens_per_s(model, ids, 4, reps=1)  # compile the decode kernels
+                    decode_tokens_per_s(model, ids, 4, False, reps=1)  # compile the decode kernels
                 row = dict(preset=preset, model=label)
+                if graph:
+                    try:  # capture now, so that no timing below includes it
+                        clear_decode_graphs(model)
+                        t1 = time.monotonic()
+                        decode_graph(model, 1).release()
+                        sync()
+                        row["capture_s"] = round(time.monotonic() - t1, 2)
+                    except Exception as exc:
+                        b.fail(f"{preset} {label} capture", exc)
+                        b.model_rows.append(row)
+                        continue
                 try:
-                    row["ttft_ms"] = round(ttft_ms(model, ids), 2)
-                    row["tokens_per_s"] = round(decode_tokens_per_s(model, ids, new_tokens), 1)
+                    row["ttft_ms"] = round(ttft_ms(model, ids, graph), 2)
+                    row["tokens_per_s"] = round(decode_tokens_per_s(model, ids, new_tokens, graph), 1)
                 except Exception as exc:
                     b.fail(f"{preset} {label} timing", exc)
                 try:
-                    gpu_ms, launches = gpu_per_step(model, ids)
+                    gpu_ms, launches = gpu_per_step(model, ids, graph)
                     row["gpu_ms_per_token"] = round(gpu_ms, 3)
                     row["launches_per_token"] = round(launches, 1)
+                    if graph:
+                        row["replay_ms_per_token"] = round(replay_ms(model, ids), 3)
                 except Exception as exc:
                     b.fail(f"{preset} {label} profile", exc)
-                if kind == "ternary":
-                    try:
-                        logits = step_logits(model, ids)
-                        if prepared and logits_plain is not None:
+                try:
+                    logits = step_logits(model, ids, graph)
+                    if graph and logits_eager is not None:
+                        row["logits_rel_err_vs_eager_step"] = rel_err(logits, logits_eager)
+                        row["same_argmax_as_eager"] = bool((logits.argmax(-1) == logits_eager.argmax(-1)).all())
+                    elif not graph:
+                        logits_eager = logits
+                        if kind == "ternary" and prepared and logits_plain is not None:
                             row["logits_rel_err_vs_training_kernels"] = rel_err(logits, logits_plain)
                             row["same_argmax"] = bool((logits.argmax(-1) == logits_plain.argmax(-1)).all())
-                        else:
+                        elif kind == "ternary":
                             logits_plain = logits
-                    except Exception as exc:
-                        b.fail(f"{preset} {label} logits", exc)
+                except Exception as exc:
+                    b.fail(f"{preset} {label} logits", exc)
                 b.model_rows.append(row)
                 b.log(json.dumps(row))
         except Exception as exc:
             b.fail(f"{preset} {kind}", exc)
         finally:
+            if model is not None:
+                clear_decode_graphs(model)
             del model
             free()
-
 
 # --------------------------------------------------------------------------------------------
 def main() -> int:
@@ -595,21 +666,32 @@ def main() -> int:
     for shape, s in summary.items():
         b.log(f"best M=1 at {shape}: {s['best']} {s['time_us']:.2f} us = {s['speedup']:.2f}x bf16")
     b.log("")
-    b.log(f"{'preset':>10} {'model':>28} {'TTFT ms':>8} {'tok/s':>8} {'GPU ms/tok':>10} {'launch/tok':>10} "
-          f"{'logits rel err (same argmax)':>30}")
+    b.log("logits rel err: the prepare_inference rows against the training kernels' step, the CUDA graph rows "
+          "against the eager step of the same weights (same argmax in parentheses)")
+    b.log(f"{'preset':>10} {'model':>40} {'TTFT ms':>8} {'tok/s':>8} {'GPU ms/tok':>10} {'replay ms':>9} "
+          f"{'launch/tok':>10} {'capture s':>9} {'logits rel err':>22}")
     nan = float("nan")
     for r in b.model_rows:
-        err = r.get("logits_rel_err_vs_training_kernels")
-        err_s = "" if err is None else f"{err:.1e} ({r.get('same_argmax')})"
-        b.log(f"{r['preset']:>10} {r['model']:>28} {r.get('ttft_ms', nan):>8.1f} {r.get('tokens_per_s', nan):>8.1f} "
-              f"{r.get('gpu_ms_per_token', nan):>10.3f} {r.get('launches_per_token', nan):>10.1f} {err_s:>30}")
+        err = r.get("logits_rel_err_vs_training_kernels", r.get("logits_rel_err_vs_eager_step"))
+        same = r.get("same_argmax", r.get("same_argmax_as_eager"))
+        err_s = "" if err is None else f"{err:.1e} ({same})"
+        b.log(f"{r['preset']:>10} {r['model']:>40} {r.get('ttft_ms', nan):>8.1f} {r.get('tokens_per_s', nan):>8.1f} "
+              f"{r.get('gpu_ms_per_token', nan):>10.3f} {r.get('replay_ms_per_token', nan):>9.3f} "
+              f"{r.get('launches_per_token', nan):>10.1f} {r.get('capture_s', nan):>9.2f} {err_s:>22}")
     for preset in sorted({r["preset"] for r in b.model_rows}):
         by = {r["model"]: r for r in b.model_rows if r["preset"] == preset}
-        tern, flt = by.get("ternary, prepare_inference", {}), by.get("float twin, bf16 weights", {})
-        for key, label in (("tokens_per_s", "tokens/s"), ("gpu_ms_per_token", "GPU ms/token")):
-            if key in tern and key in flt and tern[key] and flt[key]:
-                ratio = tern[key] / flt[key] if key == "tokens_per_s" else flt[key] / tern[key]
-                b.log(f"{preset}: ternary (prepare_inference) vs float twin, {label}: {ratio:.2f}x")
+        tern, flt = "ternary, prepare_inference", "float twin, bf16 weights"
+        pairs = [(tern, flt, "ternary (prepare_inference) vs float twin"),
+                 (f"{tern}, CUDA graph", f"{flt}, CUDA graph",
+                  "ternary (prepare_inference) vs float twin, both CUDA graphs"),
+                 (f"{tern}, CUDA graph", tern, "ternary (prepare_inference): CUDA graph vs eager"),
+                 (f"{flt}, CUDA graph", flt, "float twin: CUDA graph vs eager")]
+        for ours_name, other_name, what in pairs:
+            ours, other = by.get(ours_name, {}), by.get(other_name, {})
+            for key, label in (("tokens_per_s", "tokens/s"), ("gpu_ms_per_token", "GPU ms/token")):
+                if key in ours and key in other and ours[key] and other[key]:
+                    ratio = ours[key] / other[key] if key == "tokens_per_s" else other[key] / ours[key]
+                    b.log(f"{preset}: {what}, {label}: {ratio:.2f}x")
     (out_dir / "bench_decode.log").write_text("\n".join(b.lines) + "\n")
     return 0
 

@@ -14,7 +14,8 @@ import torch
 
 from ternary_graph.cli import main
 from ternary_graph.config import get_preset
-from ternary_graph.models.generate import check_sampling_args, filter_top_k, filter_top_p, sample_next
+from ternary_graph.models.decode_graph import DecodeGraph, StepDecoder, clear_decode_graphs, decode_graph
+from ternary_graph.models.generate import check_sampling_args, decode_stream, filter_top_k, filter_top_p, sample_next
 from ternary_graph.models.model import build_model
 from ternary_graph.nn.attention import KVCache
 from ternary_graph.train.loop import load_model_from_checkpoint
@@ -146,6 +147,162 @@ def test_kv_cache_refuses_positions_past_its_length():
     cache.append(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
     with pytest.raises(ValueError, match="KV cache holds 3 positions; 2 more exceed its max_len=4"):
         cache.append(torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8))
+
+
+# --- the fixed-shape decode step (the one the CUDA graph captures), run eagerly ------------------
+@pytest.mark.parametrize("weights", ["ternary", "float"])
+def test_decode_step_logits_match_a_full_forward_at_every_position(weights):
+    """Prefill 5 bytes, then one fixed-shape step per byte up to the last position of max_seq_len:
+    each step's logits are those of a full forward over the same prefix."""
+    model = build_model(SMALL, weights=weights, seed=3).eval()
+    ids = prompt_ids(2, SMALL.max_seq_len, seed=1)
+    with torch.no_grad():
+        full = model(ids).logits
+    decoder = StepDecoder(model, 2)
+    got = [decoder.prefill(ids[:, :5])]
+    for t in range(5, SMALL.max_seq_len):
+        got.append(decoder.step(ids[:, t]))
+    assert decoder.length == SMALL.max_seq_len
+    torch.testing.assert_close(torch.stack(got, dim=1), full[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["ternary", "float"])
+@pytest.mark.parametrize("prefix", [1, 17, 63])
+def test_one_decode_step_after_a_prefill_matches_a_full_forward(weights, prefix):
+    model = build_model(SMALL, weights=weights, seed=9).eval()
+    ids = prompt_ids(1, prefix + 1, seed=prefix)
+    with torch.no_grad():
+        expected = model(ids).logits[:, -1]
+        cache = model.new_kv_cache(1)
+        model(ids[:, :prefix], kv_cache=cache)
+        position = torch.tensor(prefix)
+        got = model.decode_step(ids[:, prefix:], cache, position)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert cache[0].length == prefix and int(position) == prefix  # decode_step changes no host state
+
+
+def test_host_length_and_device_position_agree():
+    model = build_model(SMALL, seed=2).eval()
+    decoder = StepDecoder(model, 1)
+    decoder.prefill(prompt_ids(1, SMALL.max_seq_len - 3))
+    assert int(decoder.position) == decoder.length == SMALL.max_seq_len - 3
+    for _ in range(3):
+        decoder.step(torch.tensor([7]))
+        assert int(decoder.position) == decoder.length
+        assert all(cache.length == decoder.length for cache in decoder.caches)
+    with pytest.raises(ValueError, match="the KV cache holds 64 positions, its max_len=64: no room for another token"):
+        decoder.step(torch.tensor([7]))
+    assert int(decoder.position) == decoder.length == 64  # the refused step changed nothing
+
+
+def test_a_new_prefill_restarts_the_decoder():
+    """A decoder is reused for every generation (the CUDA graph's caches are fixed): stale keys
+    and values past the new prompt are masked out, so a restart equals a fresh decoder."""
+    model = build_model(SMALL, seed=4).eval()
+    used, fresh = StepDecoder(model, 2), StepDecoder(model, 2)
+    used.prefill(prompt_ids(2, 30, seed=5))
+    for t in range(6):
+        used.step(torch.tensor([t, 255 - t]))
+    ids = prompt_ids(2, 8, seed=6)
+    torch.testing.assert_close(used.prefill(ids), fresh.prefill(ids), rtol=0, atol=0)
+    assert used.length == 8 and int(used.position) == 8
+    for t in range(4):
+        token = torch.tensor([t, 3 * t])
+        torch.testing.assert_close(used.step(token), fresh.step(token), rtol=0, atol=0)
+
+
+def test_decode_step_and_decoder_refuse_bad_arguments():
+    model = build_model(SMALL, seed=1)
+    with pytest.raises(ValueError, match="the decode step needs the model in eval mode"):
+        StepDecoder(model, 1)
+    model.eval()
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        StepDecoder(model, 0)
+    cache = model.new_kv_cache(1)
+    with pytest.raises(ValueError, match=r"ids must have shape \(batch, 1\), got \(1, 2\)"):
+        model.decode_step(torch.zeros(1, 2, dtype=torch.long), cache, torch.tensor(0))
+    with pytest.raises(ValueError, match="position must be a 0-dim int64 tensor, got int"):
+        model.decode_step(torch.zeros(1, 1, dtype=torch.long), cache, 0)
+    with pytest.raises(ValueError, match=r"position must be a 0-dim int64 tensor, got dtype=torch.int64 shape=\(1,\)"):
+        model.decode_step(torch.zeros(1, 1, dtype=torch.long), cache, torch.tensor([0]))
+    decoder = StepDecoder(model, 2)
+    with pytest.raises(ValueError, match=r"ids must have shape \(batch_size=2, T >= 1\), got \(1, 4\)"):
+        decoder.prefill(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token must hold one id per row \(batch_size=2\), got \(3,\)"):
+        decoder.step(torch.zeros(3, dtype=torch.long))
+
+
+def test_kv_cache_write_at_checks_the_shape():
+    cache = KVCache.empty(1, 2, 4, 8, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=r"k and v must have shape \(batch=1, heads=2, 1, head_dim=8\), "
+                                         r"got \(1, 2, 2, 8\)"):
+        cache.write_at(torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8), torch.tensor(0))
+    cache.write_at(torch.ones(1, 2, 1, 8), torch.full((1, 2, 1, 8), 2.0), torch.tensor(3))
+    assert cache.length == 0 and float(cache.k[0, :, 3].min()) == 1.0 and float(cache.v[0, :, 3].min()) == 2.0
+    assert float(cache.k[0, :, :3].abs().sum()) == 0.0
+
+
+def test_cuda_graph_argument_is_checked():
+    model = build_model(SMALL, seed=1)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device, got cpu"):
+        model.generate(prompt_ids(1, 4), 2, cuda_graph=True)
+    with pytest.raises(ValueError, match=r"cuda_graph must be True, False or None \(auto\), got 'yes'"):
+        decode_stream(model, prompt_ids(1, 4), 2, cuda_graph="yes")
+    with pytest.raises(ValueError, match="a CUDA-graph decode step needs a model on a CUDA device, got cpu"):
+        DecodeGraph(model.eval(), 1)
+    assert torch.equal(model.generate(prompt_ids(1, 4), 3, temperature=0, cuda_graph=False),
+                       model.generate(prompt_ids(1, 4), 3, temperature=0))
+
+
+# --- the CUDA graph (GPU only) -------------------------------------------------------------------
+def cuda_model(weights: str, seed: int, dtype: torch.dtype = torch.bfloat16):
+    model = build_model(SMALL, weights=weights, seed=seed, device="cuda", compute_dtype=dtype)
+    return (model.to(torch.bfloat16) if weights == "float" else model).eval()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("weights,prepared", [("ternary", False), ("ternary", True), ("float", False)])
+def test_cuda_graph_decoding_equals_the_eager_step(weights, prepared):
+    model = cuda_model(weights, seed=12)
+    if prepared:
+        model.prepare_inference()
+    ids = prompt_ids(2, 9, seed=3).cuda()
+    eager, graph = StepDecoder(model, 2), DecodeGraph(model, 2)
+    torch.testing.assert_close(graph.prefill(ids), eager.prefill(ids), rtol=0, atol=0)
+    for t in range(SMALL.max_seq_len - 9):
+        token = torch.tensor([t, (7 * t) % 256], device="cuda")
+        # The same kernels on the same inputs; the split-K GEMVs of the decode copies add their
+        # partial sums with atomics, whose order may change the last bit of a bf16 output.
+        torch.testing.assert_close(graph.step(token), eager.step(token), rtol=2e-2, atol=2e-2)
+        assert graph.length == eager.length == t + 10
+    assert int(graph.position) == graph.length == SMALL.max_seq_len
+    with pytest.raises(ValueError, match="no room for another token"):
+        graph.step(torch.tensor([0, 0], device="cuda"))
+    out = model.generate(ids, 20, temperature=0)  # auto: the cached graph
+    assert out.shape == (2, 29) and torch.equal(out[:, :9], ids)
+    if weights == "float":  # no atomics anywhere: the greedy bytes are exactly the eager loop's
+        assert torch.equal(out, model.generate(ids, 20, temperature=0, cuda_graph=False))
+
+
+@pytest.mark.cuda
+def test_cached_cuda_graph_is_reused_and_recaptured_when_the_weights_move():
+    model = cuda_model("ternary", seed=14)
+    clear_decode_graphs(model)
+    first = decode_graph(model, 1)
+    assert decode_graph(model, 1) is not first  # busy: a private graph for an interleaved generation
+    first.release()
+    assert decode_graph(model, 1) is first  # free and current: reused
+    first.release()
+    model.prepare_inference()  # new decode copies: the graph would read the old ones
+    second = decode_graph(model, 1)
+    assert second is not first and second.matches(model) and not first.matches(model)
+    second.release()
+    model.generate(prompt_ids(1, 5).cuda(), 8, top_k=5, seed=3)  # auto: replays the cached graph, releases it
+    assert not second.busy and decode_graph(model, 1) is second
+    second.release()
+    model.train()  # drops the decode copies
+    model.generate(prompt_ids(1, 5).cuda(), 8, seed=3)
+    assert decode_graph(model, 1) is not second
 
 
 # --- the CLI ------------------------------------------------------------------------------------

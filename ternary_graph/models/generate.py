@@ -1,7 +1,12 @@
 """Text generation: sampling filters as pure functions, and a KV-cached decode loop.
 
     prompt ids ─ prefill (one forward over the prompt, filling each block's KVCache)
-               ─ logits of the last position ─ sample ─ next byte ─ forward of that one byte ─ …
+               ─ logits of the last position ─ sample ─ next byte ─ decode step of that byte ─ …
+
+The decode step is the fixed-shape one of ``models/decode_graph.py`` (position on the device,
+attention over the whole preallocated cache under a mask): on CUDA it is replayed as one CUDA
+graph per byte (``cuda_graph``, default: whenever the model is on CUDA), elsewhere it runs
+eagerly. Sampling runs outside the step, on its logits.
 
 The decode loop runs the model in eval mode under ``torch.no_grad()``: no votes are cast, the
 VQ codebook does not track usage (its tracking is gated on ``training``) and MoEGraph records
@@ -20,10 +25,13 @@ Sampling order: temperature, then top-k, then top-p (nucleus), then a draw from 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Sequence
 
 import torch
+
+from .decode_graph import StepDecoder, _model_device, decode_graph
 
 SAMPLING_ARG_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p")
 
@@ -88,39 +96,74 @@ def _check_ids(ids: torch.Tensor, max_new_tokens: int, max_seq_len: int) -> None
                          f"max_seq_len={max_seq_len}")
 
 
+def _use_cuda_graph(model, ids: torch.Tensor, cuda_graph: bool | None) -> bool:
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True, False or None (auto), got {cuda_graph!r}")
+    device = _model_device(model)
+    if ids.device != device:
+        raise ValueError(f"ids is on {ids.device} but the model is on {device}")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a model on a CUDA device, got {device}")
+    return device.type == "cuda" if cuda_graph is None else cuda_graph
+
+
 def decode_stream(model, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = None) -> Iterator[torch.Tensor]:
+                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                  cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
     """An iterator of the (B,) int64 next tokens, one step at a time: the first after the
     prompt prefill, then one per cached decode step. ``seed`` fixes the draws (None: torch's
-    global RNG). The arguments are checked here, before the first step; the model is in eval
+    global RNG). ``cuda_graph``: replay the decode step as a CUDA graph (captured at the first
+    generation of a model and batch size, kept for later ones); None: whenever the model is on
+    CUDA, falling back to the eager step with a warning if the capture fails; True: a failed
+    capture raises. The arguments are checked here, before the first step; the model is in eval
     mode while the stream runs and gets its mode back when the stream ends or is closed."""
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     _check_ids(ids, max_new_tokens, model.cfg.max_seq_len)
+    use_graph = _use_cuda_graph(model, ids, cuda_graph)
     generator = None if seed is None else torch.Generator(device=ids.device).manual_seed(seed)
-    return _decode(model, ids, max_new_tokens, temperature, top_k, top_p, generator)
+    return _decode(model, ids, max_new_tokens, temperature, top_k, top_p, generator, use_graph,
+                   strict=cuda_graph is True)
+
+
+def _open_decoder(model, batch_size: int, use_graph: bool, strict: bool) -> StepDecoder:
+    if not use_graph:
+        return StepDecoder(model, batch_size)
+    try:
+        return decode_graph(model, batch_size)
+    except RuntimeError as exc:  # a capture the CUDA runtime refused: the eager step computes the same
+        if strict:
+            raise
+        warnings.warn(f"CUDA-graph capture of the decode step failed ({type(exc).__name__}: {exc}); decoding "
+                      f"eagerly. Pass cuda_graph=False to skip the attempt, True to make it an error.",
+                      RuntimeWarning, stacklevel=3)
+        return StepDecoder(model, batch_size)
 
 
 @torch.no_grad()
 def _decode(model, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
-            top_p: float | None, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+            top_p: float | None, generator: torch.Generator | None, use_graph: bool,
+            strict: bool) -> Iterator[torch.Tensor]:
     was_training = model.training
     model.eval()
+    decoder = None
     try:
-        cache = model.new_kv_cache(ids.shape[0])
-        logits = model(ids, kv_cache=cache).logits[:, -1]
+        decoder = _open_decoder(model, ids.shape[0], use_graph, strict)
+        logits = decoder.prefill(ids)
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)
             yield token
-            if step + 1 < max_new_tokens:  # the last token needs no forward of its own
-                logits = model(token[:, None].to(ids.dtype), kv_cache=cache).logits[:, -1]
+            if step + 1 < max_new_tokens:  # the last token needs no step of its own
+                logits = decoder.step(token)
     finally:
+        if decoder is not None:
+            decoder.release()
         model.train(was_training)
 
 
 def generate(model, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None) -> torch.Tensor:
-    """``ids`` followed by ``max_new_tokens`` sampled tokens. Shapes: (B, T) -> (B, T + new)."""
+             top_p: float | None = None, seed: int | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
+    """``ids`` followed by ``max_new_tokens`` sampled tokens. Shapes: (B, T) -> (B, T + new).
+    ``cuda_graph``: see :func:`decode_stream`."""
     new = list(decode_stream(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             seed=seed))
+                             seed=seed, cuda_graph=cuda_graph))
     return torch.cat([ids, torch.stack(new, dim=1).to(ids.dtype)], dim=1)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..graph.moegraph import MoEGraph
-from ..nn.attention import CausalSelfAttention, KVCache, rms_norm
+from ..nn.attention import CausalSelfAttention, DecodeStep, KVCache, rms_norm
 from ..nn.factory import check_weights, make_embedding, make_linear
 from ..nn.grouped import TernaryGroupedLinear
 from ..nn.linear import TernaryLinear
@@ -60,8 +60,8 @@ class Block(nn.Module):
                             device=device, generator=generator)
 
     def forward(self, x: torch.Tensor, code_ids: torch.Tensor | None, vq: TernaryVQCodebook,
-                cache: KVCache | None = None):
-        x = x + self.attn(rms_norm(x), cache)
+                cache: KVCache | None = None, step: DecodeStep | None = None):
+        x = x + self.attn(rms_norm(x), cache, step)
         h = rms_norm(x)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.vq_proj is not None:
@@ -138,20 +138,48 @@ class TernaryGraphLM(nn.Module):
         cached = 0 if kv_cache is None else kv_cache[0].length
         if cached + ids.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {cached + ids.shape[1]} exceeds max_seq_len={self.cfg.max_seq_len}")
-        with autocast_for(self.compute_dtype, ids.device):
-            x = self.embed(ids, dtype=self.compute_dtype)
-            code_ids, aux = None, x.new_zeros((), dtype=torch.float32)
-            for i, block in enumerate(self.blocks):
-                x, code_ids, block_aux = block(x, code_ids, self.shared_vq,
-                                               None if kv_cache is None else kv_cache[i])
-                aux = aux + block_aux
-            hidden = rms_norm(x)
-            logits = self.head(hidden)
+        logits, hidden, aux = self._trunk(ids, kv_cache, None)
         out = ModelOutput(logits=logits, hidden=hidden, aux_loss=aux)
         if targets is not None:
             out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
             out.loss = out.lm_loss + aux
         return out
+
+    def _trunk(self, ids: torch.Tensor, kv_cache: list[KVCache] | None, step: DecodeStep | None):
+        """(logits, hidden, aux) of ``ids``: the body shared by :meth:`forward` and :meth:`decode_step`."""
+        with autocast_for(self.compute_dtype, ids.device):
+            x = self.embed(ids, dtype=self.compute_dtype)
+            code_ids, aux = None, x.new_zeros((), dtype=torch.float32)
+            for i, block in enumerate(self.blocks):
+                x, code_ids, block_aux = block(x, code_ids, self.shared_vq,
+                                               None if kv_cache is None else kv_cache[i], step)
+                aux = aux + block_aux
+            hidden = rms_norm(x)
+            logits = self.head(hidden)
+        return logits, hidden, aux
+
+    def decode_step(self, ids: torch.Tensor, kv_cache: list[KVCache], position: torch.Tensor) -> torch.Tensor:
+        """One fixed-shape decode step: the logits of the byte ``ids`` at the position held in the
+        device tensor ``position``, whose keys/values are written there into every cache.
+
+        Every shape is fixed (the caches are preallocated to ``max_seq_len``; attention covers all
+        of it under a mask of the positions past ``position``) and no device value is read on the
+        host, so the step can be captured as a CUDA graph (``models/decode_graph.py``). It changes
+        no host state either: the caller advances ``position`` and each cache's ``length`` (see
+        :class:`~ternary_graph.models.decode_graph.StepDecoder`) and keeps ``position <
+        max_seq_len``. Equals the last row of :meth:`forward` over the prefix and this byte.
+
+        Shapes: ids (B, 1) int32/int64; position () int64 on the model's device -> (B, vocab).
+        """
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] != 1:
+            got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"ids must have shape (batch, 1), got {got}")
+        if len(kv_cache) != len(self.blocks):
+            raise ValueError(f"kv_cache must hold one KVCache per block ({len(self.blocks)}), got {len(kv_cache)}")
+        if isinstance(position, torch.Tensor) and position.device != ids.device:
+            raise ValueError(f"position is on {position.device} but ids is on {ids.device}")
+        step = DecodeStep.at(position, self.cfg.head_dim, self.cfg.rope_base, kv_cache[0].max_len)
+        return self._trunk(ids, kv_cache, step)[0][:, -1]
 
     def new_kv_cache(self, batch_size: int = 1) -> list[KVCache]:
         """One empty :class:`KVCache` per block, preallocated to ``max_seq_len`` positions."""
@@ -160,11 +188,12 @@ class TernaryGraphLM(nn.Module):
                               dtype=self.compute_dtype, device=device) for _ in self.blocks]
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None) -> torch.Tensor:
+                 top_p: float | None = None, seed: int | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
         """Continue ``ids`` (B, T) by ``max_new_tokens`` sampled bytes with a KV cache; returns
-        (B, T + max_new_tokens). See :func:`ternary_graph.models.generate.generate`."""
+        (B, T + max_new_tokens). ``cuda_graph``: replay the decode step as a CUDA graph (None:
+        whenever the model is on CUDA). See :func:`ternary_graph.models.generate.generate`."""
         return _generation.generate(self, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    seed=seed)
+                                    seed=seed, cuda_graph=cuda_graph)
 
     def prepare_inference(self) -> "TernaryGraphLM":
         """Eval mode, and a decode copy (2-bit layout, ``kernels/ternary_gemv.py``) in every ternary
