@@ -59,12 +59,11 @@ DECODE_MAX_M = 16  # activation rows the decode path takes (the layers fall back
 MIN_BN = 16  # smallest row block of any kernel: the split-K counters are sized for it
 VARIANTS = ("auto", "fma", "dot", "dot1")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Which kernel "auto" takes; to be re-chosen from experiments/bench_decode.py (docs/kernels.md).
-# Until measured both are "fma": the simplest kernel, whose speed does not hang on how Triton
-# lays out a tensor-core operand built in registers. DEFAULT_SMALL_M applies to 2 <= M <= 16 with
-# 16-bit activations and one group ("dot"/"dot1" are candidates there); fp32 and groups take "fma".
+# Which kernel "auto" takes, from experiments/bench_decode.py on the H200 (docs/kernels.md): at
+# M = 1 "fma" (1.43-2.01x bf16); for 2 <= M <= 16 with 16-bit activations and one group "dot1"
+# (1.22-1.58x, where "fma", one program per row, falls to 0.19x at M = 16); fp32 and groups take "fma".
 DEFAULT_M1 = "fma"
-DEFAULT_SMALL_M = "fma"
+DEFAULT_SMALL_M = "dot1"
 # BN rows x BW words per step, warps, and the split-K target: programs per SM.
 FMA_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=8)
 DOT_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)
