@@ -180,7 +180,7 @@ def gemv_shape(b: Bench, K: int, N: int, gen: torch.Generator) -> dict:
     """M = 1 sweep at one shape; returns {name: time_us} of the 2-bit variants."""
     from ternary_graph.kernels import ternary_gemv as tg
     from ternary_graph.kernels import ternary_linear_triton as base3
-    from ternary_graph.kernels.ternary_linear import linear_forward_reference
+    from ternary_graph.kernels.ternary_linear_reference import linear_forward_reference
 
     dev = torch.device(DEVICE)
     shape = f"{K}->{N}"

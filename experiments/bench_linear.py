@@ -81,7 +81,7 @@ def main() -> int:
     import triton
 
     from ternary_graph.kernels import ternary_linear_triton as kern
-    from ternary_graph.kernels.ternary_linear import linear_forward_reference
+    from ternary_graph.kernels.ternary_linear_reference import linear_forward_reference
     from ternary_graph.ternary.packing import unpack_trits
 
     out_dir = Path(args.out)

@@ -10,7 +10,7 @@ import torch
 from conftest import dequantized
 from torch import nn
 
-from ternary_graph.kernels.ternary_linear import linear_backward_reference, linear_forward_reference
+from ternary_graph.kernels.ternary_linear_reference import linear_backward_reference, linear_forward_reference
 from ternary_graph.nn.linear import TernaryLinear
 from ternary_graph.ternary.optimizer import TernaryOptimizer, UpdateRule
 from ternary_graph.ternary.packing import unpack_trits

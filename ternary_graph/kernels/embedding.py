@@ -14,7 +14,7 @@ import torch
 from ..ternary.packing import unpack_trits
 from ..ternary.saturating import saturating_add
 from ..ternary.state import exponent_to_scale
-from .ternary_linear import sign_votes
+from .ternary_linear_reference import sign_votes
 
 
 def gather_rows_reference(packed: torch.Tensor, E: torch.Tensor, rows: torch.Tensor, cols: int,

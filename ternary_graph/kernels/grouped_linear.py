@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from ..ternary.packing import packed_cols
-from .ternary_linear import (_triton_module, linear_backward_reference, linear_forward_reference)
+from .ternary_linear import _triton_module
+from .ternary_linear_reference import linear_backward_reference, linear_forward_reference
 
 
 def check_grouped_args(x2d: torch.Tensor, packed: torch.Tensor, offsets: torch.Tensor, in_features: int) -> int:

@@ -42,7 +42,7 @@ import triton.language as tl
 from ..ternary.packing import packed_cols
 from ..ternary.saturating import saturating_add_
 from ._triton import check_kernel_tensors, interpreting
-from .ternary_linear import linear_backward_reference, linear_forward_reference, sign_votes
+from .ternary_linear_reference import linear_backward_reference, linear_forward_reference, sign_votes
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FORWARD_PATHS = ("auto", "gemv_lut", "gemv_fma", "dot", "gemm", "dequant")

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from ..kernels.ternary_gemv import DecodeWeights
-from ..kernels.ternary_linear import SUPPORTED_DTYPES, TernaryLinearFunction, linear_forward
+from ..kernels.ternary_linear import TernaryLinearFunction, linear_forward
+from ..kernels.ternary_linear_reference import SUPPORTED_DTYPES
 from ..ternary.state import TernaryState
 
 
