@@ -18,7 +18,7 @@ from ..kernels.grouped_linear import TernaryGroupedLinearFunction, grouped_gemm_
 from ..kernels.ternary_gemv import DecodeWeights
 from ..ternary.state import TernaryState
 from .factory import check_weights
-from .linear import check_activation, grad_anchor
+from .linear import DecodeCopyHolder, check_activation, grad_anchor
 
 
 def _check_sizes(num_groups: int, in_features: int, out_features: int) -> None:
@@ -27,7 +27,7 @@ def _check_sizes(num_groups: int, in_features: int, out_features: int) -> None:
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
 
 
-class TernaryGroupedLinear(nn.Module):
+class TernaryGroupedLinear(DecodeCopyHolder):
     """G ternary matrices ``y[r] = x[r] · (T_g ⊙ s_g)ᵀ`` for the rows r of group g.
 
     ``weight`` is one TernaryState of ``num_groups · out_features`` rows; group g owns rows
@@ -54,15 +54,6 @@ class TernaryGroupedLinear(nn.Module):
         """Build the decode copy of all groups' current weights (call in eval mode, after training)."""
         self.inference_copy = DecodeWeights.from_state(self.weight.packed, self.weight.E, self.in_features,
                                                        groups=self.num_groups)
-
-    def train(self, mode: bool = True) -> "TernaryGroupedLinear":
-        if mode:  # the next optimizer step would leave the copy stale
-            self.inference_copy = None
-        return super().train(mode)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.inference_copy = None  # new weights: the copy no longer matches them
-        super()._load_from_state_dict(*args, **kwargs)
 
     def group_rows(self, group: int) -> slice:
         return slice(group * self.out_features, (group + 1) * self.out_features)

@@ -31,7 +31,24 @@ def check_activation(x: torch.Tensor, features: int, weight_device: torch.device
         raise ValueError(f"{name} is on {x.device} but the ternary weights are on {weight_device}")
 
 
-class TernaryLinear(nn.Module):
+class DecodeCopyHolder(nn.Module):
+    """Lifecycle of a transient decode copy (``inference_copy``, built by ``prepare_inference``):
+    dropped when training resumes (the next optimizer step would leave it stale) and when new
+    weights are loaded. Never a buffer: ``state_dict`` does not see it."""
+
+    inference_copy: DecodeWeights | None
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.inference_copy = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.inference_copy = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class TernaryLinear(DecodeCopyHolder):
     """``y = x · (T ⊙ s)ᵀ`` with T in {-1,0,1} packed 5 per byte and s = 2**(E/4) per output row.
 
     The weight gradient is never materialised: backward votes ``sign(dW)`` into the int8
@@ -62,15 +79,6 @@ class TernaryLinear(nn.Module):
     def prepare_inference(self) -> None:
         """Build the decode copy of the current weights (call in eval mode, after training)."""
         self.inference_copy = DecodeWeights.from_state(self.weight.packed, self.weight.E, self.in_features)
-
-    def train(self, mode: bool = True) -> "TernaryLinear":
-        if mode:  # the next optimizer step would leave the copy stale
-            self.inference_copy = None
-        return super().train(mode)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.inference_copy = None  # new weights: the copy no longer matches them
-        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_activation(x, self.in_features, self.weight.packed.device)
