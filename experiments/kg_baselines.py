@@ -1,179 +1,59 @@
-"""Float KGE baselines (PyG ``DistMult``, ``TransE``, ``RotatE``) on the stdlib knowledge graph.
+"""Fair KG baselines: PyG's float KGE models, two recipes each, against the ternary scorer, all
+tuned with the same budget on the stdlib knowledge graph.
 
-Trains each model with its own ``.loader()`` and ``.loss()`` (the loop of PyG's
-``examples/kge_fb15k_237.py``) on the deterministic train split of
-:func:`ternary_graph.kg.graph.build_stdlib_kg`, then reports FILTERED MRR / Hits@k on
-the validation and test splits (tail and head ranks averaged, ties averaged; see
-:mod:`ternary_graph.kg.metrics`) and the bytes of the model's parameters.
+Models (:mod:`ternary_graph.kg.baselines`): PyG ``DistMult``, ``ComplEx``, ``RotatE`` and
+``TransE``, each trained (a) with its native loss (``model.loss``: margin ranking or binary
+cross-entropy, one corrupted triple per positive) and (b) with the ternary scorer's recipe
+(cross-entropy against ``--negatives`` uniformly drawn entities shared by the batch, tail and
+head sides); and the ternary scorer itself (DistMult score, int8 votes, its only recipe (b)).
 
-    PYTHONPATH=. .venv/bin/python experiments/kg_baselines.py --epochs 100 --dim 64 \\
-        --out experiments/results/kg_baselines.json
+Tuning budget, the same for every (model, recipe): a grid of ``len(--lrs) x len(--dims)``
+configs (for the ternary scorer the vote threshold schedules ``--thetas`` take the place of
+the learning rates: θ is its step size), each trained for at most ``--max-epochs`` epochs with
+filtered valid MRR every ``--eval-every`` epochs and early stopping after ``--patience``
+evaluations without improvement (the best evaluation's weights are kept). The config with the
+best valid MRR is reported on test (MRR, Hits@1/3/10) with its parameter bytes, then retrained
+with ``--seeds`` (the ternary scorer, the best float model by valid MRR, or with
+``--seeds-for all`` every pair) for mean ± std.
 
-Ranking scores every entity for every test query with a closed form of each model's
-score (a matmul for DistMult, ``torch.cdist`` for TransE/RotatE); the script checks
-that closed form against the model's own ``forward`` before using it.
+    PYTHONPATH=. .venv/bin/python experiments/kg_baselines.py --threads 1 \\
+        --json docs/measurements/kg_fair_baselines.json --log docs/measurements/kg_fair_baselines.log
+
+Nothing is evaluated on test before the selection; Adam without weight decay for every float
+model; seeds fix init, batch order and negatives.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import platform
+import shlex
+import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
-from torch_geometric.nn.kge import DistMult, KGEModel, RotatE, TransE
 
+from ternary_graph.kg.baselines import LOSSES, PYG_MODELS, FitConfig, evaluate_pyg, train_config
 from ternary_graph.kg.graph import KnowledgeGraph, build_stdlib_kg
-from ternary_graph.kg.metrics import filtered_ranks, mrr_hits, random_ranking_mrr
+from ternary_graph.kg.metrics import random_ranking_mrr
+from ternary_graph.kg.task import default_kg_cache_dir, evaluate_scorer
 
 logger = logging.getLogger("kg_baselines")
 
-
-@dataclass
-class ModelSpec:
-    cls: type[KGEModel]
-    lr: float  # Adam learning rate
-    weight_decay: float
-    kwargs: dict
+MODEL_NAMES = ("ternary", *PYG_MODELS)
 
 
-# Optimisers follow PyG's examples/kge_fb15k_237.py (Adam; RotatE margin 9) with learning
-# rates picked on the VALID split of this graph at dim 64, 100 epochs, seed 0 (valid MRR):
-# DistMult 1e-3: 0.106, 3e-3: 0.098, 1e-2: 0.079 (the example's 1e-4 barely moves in ~3k
-# steps); TransE 3e-3: 0.045, 1e-2: 0.043, 3e-2: 0.009; RotatE 1e-2: 0.160 (not swept).
-MODEL_SPECS: dict[str, ModelSpec] = {
-    "distmult": ModelSpec(DistMult, lr=0.001, weight_decay=1e-6, kwargs={}),
-    "transe": ModelSpec(TransE, lr=0.01, weight_decay=0.0, kwargs={"p_norm": 1.0}),
-    "rotate": ModelSpec(RotatE, lr=0.01, weight_decay=0.0, kwargs={"margin": 9.0}),
-}
-
-
-@dataclass
-class RunConfig:
-    epochs: int = 100  # passes over the training triples
-    dim: int = 64  # hidden_channels of every model
-    batch_size: int = 1024  # training triples per step (one random negative each)
-    models: tuple[str, ...] = ("distmult", "transe", "rotate")
-    seed: int = 0
-    eval_batch_size: int = 1 << 20  # scores per scorer call while ranking
-
-
-def train_kge(model: KGEModel, train: Tensor, spec: ModelSpec, cfg: RunConfig) -> list[float]:
-    """PyG's own training loop; returns the mean loss of every epoch.
-
-    Shapes:
-        train: (E_train, 3) integer ``[head, relation, tail]``.
-    """
-    train = train.long()
-    loader = model.loader(
-        head_index=train[:, 0], rel_type=train[:, 1], tail_index=train[:, 2],
-        batch_size=cfg.batch_size, shuffle=True,
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-    history = []
-    model.train()
-    for _ in range(cfg.epochs):
-        total, count = 0.0, 0
-        for head_index, rel_type, tail_index in loader:
-            optimizer.zero_grad()
-            loss = model.loss(head_index, rel_type, tail_index)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * head_index.numel()
-            count += head_index.numel()
-        history.append(total / max(count, 1))
-    model.eval()
-    return history
-
-
-def closed_form_scorer(model: KGEModel):
-    """A broadcasting ``score(h, r, t)`` equal to ``model(h, r, t)`` elementwise.
-
-    For the two layouts that ranking uses, ``(B,1),(B,1),(1,C)`` and ``(1,C),(B,1),(B,1)``,
-    it avoids the (B, C, dim) intermediate of broadcasting ``forward``; any other layout
-    falls back to ``forward`` on the broadcast, flattened indices.
-    """
-
-    def generic(h: Tensor, r: Tensor, t: Tensor) -> Tensor:
-        hb, rb, tb = torch.broadcast_tensors(h, r, t)
-        return model(hb.reshape(-1), rb.reshape(-1), tb.reshape(-1)).reshape(hb.shape)
-
-    def score(h: Tensor, r: Tensor, t: Tensor) -> Tensor:
-        if h.dim() == 2 and r.dim() == 2 and t.dim() == 2 and r.shape[1] == 1:
-            if h.shape[1] == 1 and t.shape[0] == 1:  # rank tails
-                return _rank_scores(model, h[:, 0], r[:, 0], t[0], tails=True)
-            if t.shape[1] == 1 and h.shape[0] == 1:  # rank heads
-                return _rank_scores(model, t[:, 0], r[:, 0], h[0], tails=False)
-        return generic(h, r, t)
-
-    return score
-
-
-def _rank_scores(model: KGEModel, fixed: Tensor, rel: Tensor, cand: Tensor, tails: bool) -> Tensor:
-    """(B, C) scores of queries (fixed entity, rel) against candidate entities."""
-    if isinstance(model, DistMult):
-        q = model.node_emb(fixed) * model.rel_emb(rel)  # symmetric in head and tail
-        return q @ model.node_emb(cand).t()
-    if isinstance(model, TransE):
-        p = model.p_norm
-        e_fixed = F.normalize(model.node_emb(fixed), p=p, dim=-1)
-        e_cand = F.normalize(model.node_emb(cand), p=p, dim=-1)
-        r = model.rel_emb(rel)
-        # tails: -||h + r - t||; heads: -||h + r - t|| = -||(t - r) - h||
-        q = e_fixed + r if tails else e_fixed - r
-        return -torch.cdist(q, e_cand, p=p)
-    if isinstance(model, RotatE):
-        re, im = model.node_emb(fixed), model.node_emb_im(fixed)
-        theta = model.rel_emb(rel)
-        c, s = torch.cos(theta), torch.sin(theta)
-        if tails:  # h o r
-            q_re, q_im = c * re - s * im, c * im + s * re
-        else:  # |h o r - t| = |h - t o conj(r)| since |r| = 1
-            q_re, q_im = c * re + s * im, c * im - s * re
-        cand_vec = torch.cat([model.node_emb(cand), model.node_emb_im(cand)], dim=-1)
-        return model.margin - torch.cdist(torch.cat([q_re, q_im], dim=-1), cand_vec, p=2)
-    raise TypeError(f"no closed-form scorer for {type(model).__name__}")
-
-
-def check_scorer(model: KGEModel, score, num_entities: int, triples: Tensor) -> float:
-    """Largest |closed form - forward| over a few queries x all candidates (both sides)."""
-    q = triples[:8].long()
-    cand = torch.arange(num_entities).unsqueeze(0)
-    worst = 0.0
-    with torch.no_grad():
-        for side in (0, 1):
-            if side == 0:
-                fast = score(q[:, 0:1], q[:, 1:2], cand)
-                hb, rb, tb = torch.broadcast_tensors(q[:, 0:1], q[:, 1:2], cand)
-            else:
-                fast = score(cand, q[:, 1:2], q[:, 2:3])
-                hb, rb, tb = torch.broadcast_tensors(cand, q[:, 1:2], q[:, 2:3])
-            ref = model(hb.reshape(-1), rb.reshape(-1), tb.reshape(-1)).reshape(hb.shape)
-            worst = max(worst, float((fast - ref).abs().max()))
-    return worst
-
-
-def evaluate(model: KGEModel, kg: KnowledgeGraph, triples: Tensor, cfg: RunConfig) -> dict:
-    score = closed_form_scorer(model)
-    ranks = filtered_ranks(score, triples, kg.triples, kg.num_entities, batch_size=cfg.eval_batch_size)
-    both = mrr_hits(ranks)
-    both["mrr_tail"] = mrr_hits(ranks[:, 0])["mrr"]
-    both["mrr_head"] = mrr_hits(ranks[:, 1])["mrr"]
-    return both
-
-
-def seen_in_train(train: Tensor, triples: Tensor, num_entities: int) -> Tensor:
+def seen_in_train(train: torch.Tensor, triples: torch.Tensor, num_entities: int) -> torch.Tensor:
     """(len(triples),) bool: both ends occur in ``train`` (else an embedding stays at its init).
 
     The name-hash split keeps every triple, so ~20% of held-out triples touch an entity
-    (mostly a leaf function) that no training triple mentions; results are reported on all
-    held-out triples and, for comparison with benchmarks that drop them, on the rest.
+    (mostly a leaf function) that no training triple mentions.
     """
     seen = torch.zeros(num_entities, dtype=torch.bool)
     seen[train[:, 0].long()] = True
@@ -181,100 +61,250 @@ def seen_in_train(train: Tensor, triples: Tensor, num_entities: int) -> Tensor:
     return seen[triples[:, 0].long()] & seen[triples[:, 2].long()]
 
 
-def run(cfg: RunConfig, kg: KnowledgeGraph) -> dict:
+def pairs(models: list[str], losses: list[str]) -> list[tuple[str, str]]:
+    """(model, recipe) pairs to tune: every PyG model with every recipe; the ternary scorer with its own."""
+    out = []
+    for m in models:
+        for loss in (["sampled_ce"] if m == "ternary" else losses):
+            out.append((m, loss))
+    return out
+
+
+def grid(model: str, loss: str, dims: list[int], lrs: list[float], thetas: list[tuple[int, int]],
+         common: FitConfig) -> list[FitConfig]:
+    """The configs of one (model, recipe): dims x lrs, or dims x θ schedules for the ternary scorer."""
+    if model == "ternary":
+        return [replace(common, model=model, loss=loss, dim=d, threshold=t0, threshold_final=t1)
+                for d in dims for t0, t1 in thetas]
+    return [replace(common, model=model, loss=loss, dim=d, lr=lr) for d in dims for lr in lrs]
+
+
+def test_metrics(model, kg: KnowledgeGraph, triples: torch.Tensor) -> dict:
+    if hasattr(model, "score_fn"):  # the ternary scorer
+        return evaluate_scorer(model, kg, triples)
+    return evaluate_pyg(model, kg, triples)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def run(args: argparse.Namespace, kg: KnowledgeGraph) -> dict:
     split = kg.split()
+    common = FitConfig(model="distmult", negatives=args.negatives, batch_size=args.batch_size,
+                       max_epochs=args.max_epochs, eval_every=args.eval_every, patience=args.patience, seed=args.seeds[0])
+    todo = pairs(args.models, args.losses)
+    grid_runs: list[dict] = []
+    best: dict[tuple[str, str], dict] = {}
+    t_grid = time.perf_counter()
+    for model, loss in todo:
+        configs = grid(model, loss, args.dims, args.lrs, args.thetas, common)
+        best_model = None
+        for cfg in configs:
+            logger.info("grid %s / %s: %s (seed %d)", model, loss, cfg.label(), cfg.seed)
+            rep, trained = train_config(cfg, kg, evaluate_test=False, log=logger.info)
+            row = {"model": model, "loss": loss, "label": cfg.label(), **asdict(rep)}
+            grid_runs.append(row)
+            logger.info("  -> valid MRR %.4f at epoch %d of %d (%s), %d bytes, %.0f s", rep.valid["mrr"],
+                        rep.fit["best_epoch"], rep.fit["epochs_run"],
+                        "diverged" if rep.fit["diverged"] else "early stop" if rep.fit["stopped_early"] else "budget",
+                        rep.param_bytes, rep.seconds)
+            key = (model, loss)
+            if key not in best or rep.valid["mrr"] > best[key]["valid"]["mrr"]:
+                best[key], best_model = row, trained
+        # Test only the selected config of this pair, with its early-stopped weights.
+        best[(model, loss)]["test"] = test_metrics(best_model, kg, split.test)
+        b = best[(model, loss)]
+        logger.info("selected %s / %s: %s, valid MRR %.4f, test MRR %.4f", model, loss, b["label"], b["valid"]["mrr"],
+                    b["test"]["mrr"])
+    grid_seconds = time.perf_counter() - t_grid
+
+    # Seeds: the ternary scorer and the float pair with the best valid MRR (or every pair).
+    floats = [k for k in best if k[0] != "ternary"]
+    best_float = max(floats, key=lambda k: best[k]["valid"]["mrr"]) if floats else None
+    seed_keys = list(best) if args.seeds_for == "all" else [k for k in best if k[0] == "ternary" or k == best_float]
+    seeds: dict[str, dict] = {}
+    t_seeds = time.perf_counter()
+    for key in seed_keys:
+        b = best[key]
+        runs = [{"seed": b["config"]["seed"], "valid_mrr": b["valid"]["mrr"], "test": b["test"],
+                 "best_epoch": b["fit"]["best_epoch"]}]
+        for seed in args.seeds[1:]:
+            cfg = FitConfig(**{**b["config"], "seed": seed})
+            logger.info("seed %d: %s / %s: %s", seed, key[0], key[1], cfg.label())
+            rep, _ = train_config(cfg, kg, evaluate_test=True, log=logger.info)
+            runs.append({"seed": seed, "valid_mrr": rep.valid["mrr"], "test": rep.test,
+                         "best_epoch": rep.fit["best_epoch"]})
+        summary = {"runs": runs}
+        for name, get in (("valid_mrr", lambda r: r["valid_mrr"]), ("test_mrr", lambda r: r["test"]["mrr"]),
+                          ("test_hits@1", lambda r: r["test"]["hits@1"]), ("test_hits@10", lambda r: r["test"]["hits@10"])):
+            summary[name] = _mean_std([get(r) for r in runs])
+        seeds[f"{key[0]}/{key[1]}"] = summary
+        logger.info("seeds %s / %s: test MRR %.4f ± %.4f over %d", *key, *summary["test_mrr"], len(runs))
+    seeds_seconds = time.perf_counter() - t_seeds
+
+    target = None
+    if best_float and ("ternary", "sampled_ce") in best:
+        t, f = best[("ternary", "sampled_ce")], best[best_float]
+        t_key, f_key = "ternary/sampled_ce", f"{best_float[0]}/{best_float[1]}"
+        # Seed means where both have them, else the seed-0 selection runs.
+        if t_key in seeds and f_key in seeds:
+            t_mrr, f_mrr, basis = seeds[t_key]["test_mrr"][0], seeds[f_key]["test_mrr"][0], f"mean of {len(args.seeds)} seeds"
+        else:
+            t_mrr, f_mrr, basis = t["test"]["mrr"], f["test"]["mrr"], f"seed {args.seeds[0]}"
+        share, mem = t_mrr / f_mrr, f["param_bytes"] / t["param_bytes"]
+        target = {"best_float": f_key, "best_float_label": f["label"], "ternary_label": t["label"],
+                  "ternary_test_mrr": t_mrr, "best_float_test_mrr": f_mrr, "basis": basis, "mrr_share": share,
+                  "memory_ratio": mem, "met": share >= 0.9 and mem >= 10}
     test_seen = seen_in_train(split.train, split.test, kg.num_entities)
-    graph_info = {
-        "python": platform.python_version(),
-        "entities": kg.num_entities,
-        "relations": kg.relation_names,
-        "triples": kg.num_triples,
-        "relation_counts": kg.relation_counts(),
-        "split_sizes": {"train": len(split.train), "valid": len(split.valid), "test": len(split.test)},
-        "test_triples_with_entity_unseen_in_train": int((~test_seen).sum()),
-        "extraction_stats": kg.stats,
-        "random_ranking_mrr": random_ranking_mrr(kg.num_entities),
+    return {
+        "graph": {"python": platform.python_version(), "entities": kg.num_entities, "triples": kg.num_triples,
+                  "relation_counts": kg.relation_counts(),
+                  "split": {"train": len(split.train), "valid": len(split.valid), "test": len(split.test)},
+                  "test_unseen": int((~test_seen).sum()), "random_mrr": random_ranking_mrr(kg.num_entities)},
+        "budget": {"dims": args.dims, "lrs": args.lrs, "thetas": args.thetas, "max_epochs": args.max_epochs,
+                   "eval_every": args.eval_every, "patience": args.patience, "negatives": args.negatives,
+                   "batch_size": args.batch_size, "seeds": args.seeds, "seeds_for": args.seeds_for,
+                   "configs_per_pair": len(args.dims) * len(args.lrs)},
+        "best": {f"{m}/{l}": v for (m, l), v in best.items()},
+        "seeds": seeds,
+        "target": target,
+        "grid": grid_runs,
+        "grid_seconds": grid_seconds,
+        "seeds_seconds": seeds_seconds,
     }
-    results = {}
-    for name in cfg.models:
-        spec = MODEL_SPECS[name]
-        torch.manual_seed(cfg.seed)  # PyG's negative sampling draws from the global generator
-        model = spec.cls(kg.num_entities, kg.num_relations, hidden_channels=cfg.dim, **spec.kwargs)
-        start = time.perf_counter()
-        history = train_kge(model, split.train, spec, cfg)
-        train_s = time.perf_counter() - start
-        max_err = check_scorer(model, closed_form_scorer(model), kg.num_entities, split.test)
-        if max_err > 1e-3:
-            raise RuntimeError(f"{name}: closed-form scorer differs from forward by {max_err}")
-        start = time.perf_counter()
-        valid = evaluate(model, kg, split.valid, cfg)
-        test = evaluate(model, kg, split.test, cfg)
-        test_seen_only = evaluate(model, kg, split.test[test_seen], cfg)
-        eval_s = time.perf_counter() - start
-        results[name] = {
-            "test": test,
-            "test_seen_entities_only": test_seen_only,
-            "valid": valid,
-            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "train_seconds": round(train_s, 2),
-            "eval_seconds": round(eval_s, 2),
-            "loss_first_epoch": history[0] if history else None,
-            "loss_last_epoch": history[-1] if history else None,
-            "scorer_max_abs_err": max_err,
-            "lr": spec.lr,
-            "weight_decay": spec.weight_decay,
-            "model_kwargs": spec.kwargs,
-        }
-        logger.info("%s: test MRR %.4f (train %.1fs, eval %.1fs)", name, test["mrr"], train_s, eval_s)
-    return {"config": asdict(cfg), "graph": graph_info, "results": results}
 
 
-def format_table(report: dict) -> str:
+LOSS_LABEL = {"native": "native (PyG model.loss)", "sampled_ce": "sampled CE (ternary recipe)"}
+MODEL_LABEL = {"ternary": "ternary DistMult (ours)", "distmult": "PyG DistMult", "complex": "PyG ComplEx",
+               "rotate": "PyG RotatE", "transe": "PyG TransE"}
+
+
+def format_markdown(report: dict) -> str:
+    g, bud = report["graph"], report["budget"]
     lines = [
-        f"stdlib KG (Python {report['graph']['python']}): {report['graph']['entities']} entities, "
-        f"{report['graph']['triples']} triples, split {report['graph']['split_sizes']}; "
-        f"random-ranking MRR {report['graph']['random_ranking_mrr']:.5f}; filtered, tail+head "
-        f"averaged; 'seen MRR' = test triples whose entities all occur in train",
-        f"{'model':<10} {'test MRR':>9} {'Hits@1':>8} {'Hits@3':>8} {'Hits@10':>8} "
-        f"{'valid MRR':>10} {'seen MRR':>9} {'param bytes':>12} {'train s':>8}",
+        f"Python {g['python']} stdlib KG: {g['entities']} entities, {g['triples']} triples, split "
+        f"{g['split']['train']}/{g['split']['valid']}/{g['split']['test']}; filtered ranking, tail and head "
+        f"averaged, ties averaged; random MRR {g['random_mrr']:.5f}. Budget per (model, recipe): "
+        f"{bud['configs_per_pair']} configs (dim {bud['dims']} x lr {bud['lrs']}; ternary: dim x θ {bud['thetas']}), "
+        f"≤ {bud['max_epochs']} epochs, valid MRR every {bud['eval_every']}, patience {bud['patience']} evaluations, "
+        f"batch {bud['batch_size']}, {bud['negatives']} shared negatives for the CE recipe.",
+        "",
+        "| model | loss | best config | best epoch | valid MRR | test MRR | Hits@1 | Hits@10 | param bytes | "
+        f"test MRR, {len(bud['seeds'])} seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in report["results"].items():
-        t = r["test"]
-        lines.append(
-            f"{name:<10} {t['mrr']:>9.4f} {t['hits@1']:>8.4f} {t['hits@3']:>8.4f} {t['hits@10']:>8.4f} "
-            f"{r['valid']['mrr']:>10.4f} {r['test_seen_entities_only']['mrr']:>9.4f} "
-            f"{r['param_bytes']:>12d} {r['train_seconds']:>8.1f}"
-        )
+    rows = sorted(report["best"].items(), key=lambda kv: -kv[1]["valid"]["mrr"])
+    for key, b in rows:
+        s = report["seeds"].get(key)
+        seeds = f"{s['test_mrr'][0]:.4f} ± {s['test_mrr'][1]:.4f}" if s else "-"
+        # "(last)": the best evaluation was the budget's last epoch, so the model was still improving.
+        epoch = f"{b['fit']['best_epoch']}{' (last)' if b['fit']['best_epoch'] == bud['max_epochs'] else ''}"
+        lines.append(f"| {MODEL_LABEL[b['model']]} | {LOSS_LABEL[b['loss']]} | {b['label']} | {epoch} "
+                     f"| {b['valid']['mrr']:.4f} | {b['test']['mrr']:.4f} | {b['test']['hits@1']:.4f} "
+                     f"| {b['test']['hits@10']:.4f} | {b['param_bytes']:,} | {seeds} |")
+    t = report["target"]
+    if t:
+        lines += ["", f"Target (ternary test MRR ≥ 90% of the best tuned float model's, at ≥ 10x less parameter "
+                      f"memory; best float by valid MRR = {t['best_float']} {t['best_float_label']}; {t['basis']}): "
+                      f"{t['ternary_test_mrr']:.4f} vs {t['best_float_test_mrr']:.4f} = {t['mrr_share']:.0%} at "
+                      f"{t['memory_ratio']:.1f}x less memory: **{'met' if t['met'] else 'not met'}**."]
     return "\n".join(lines)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _thetas(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        a, _, b = item.strip().partition(":")
+        out.append((int(a), int(b or a)))
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=RunConfig.epochs)
-    parser.add_argument("--dim", type=int, default=RunConfig.dim)
-    parser.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
-    parser.add_argument("--models", default=",".join(RunConfig.models),
-                        help=f"comma-separated subset of {sorted(MODEL_SPECS)}")
-    parser.add_argument("--seed", type=int, default=RunConfig.seed)
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/kg_baselines.json"))
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="reuse the extracted graph from / store it in this folder")
+    parser.add_argument("--models", default=",".join(MODEL_NAMES), help=f"comma-separated subset of {list(MODEL_NAMES)}")
+    parser.add_argument("--losses", default=",".join(LOSSES), help=f"recipes of the PyG models, subset of {list(LOSSES)}")
+    parser.add_argument("--dims", default="32,64", help="embedding widths of the grid")
+    parser.add_argument("--lrs", default="0.003,0.01", help="Adam learning rates of the grid (float models)")
+    parser.add_argument("--thetas", default="8:16,16:32",
+                        help="ternary θ schedules start:final of the grid, as many as --lrs")
+    parser.add_argument("--max-epochs", type=int, default=40)
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--patience", type=int, default=2, help="evaluations without improvement before stopping")
+    parser.add_argument("--negatives", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--seeds", default="0,1,2", help="the first seeds the grid; the rest re-run selected configs")
+    parser.add_argument("--seeds-for", choices=("best", "all"), default="best",
+                        help="re-run with every seed: the ternary scorer and the best float model, or every pair")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="KG cache folder (default ~/.cache/ternary_graph/kg)")
     parser.add_argument("--stdlib", type=Path, default=None, help="stdlib folder (default: this Python's)")
+    parser.add_argument("--json", type=Path, default=Path("experiments/results/kg_fair_baselines.json"))
+    parser.add_argument("--log", type=Path, default=None, help="also write the log to this file (command first)")
     args = parser.parse_args(argv)
-    models = tuple(m.strip().lower() for m in args.models.split(",") if m.strip())
-    unknown = [m for m in models if m not in MODEL_SPECS]
-    if unknown or not models:
-        parser.error(f"--models must name some of {sorted(MODEL_SPECS)}, got {args.models!r}")
-    if args.epochs < 0 or args.dim < 1 or args.batch_size < 1:
-        parser.error(f"need --epochs >= 0, --dim >= 1, --batch-size >= 1; got {args.epochs}, {args.dim}, {args.batch_size}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = RunConfig(epochs=args.epochs, dim=args.dim, batch_size=args.batch_size, models=models, seed=args.seed)
-    kg = build_stdlib_kg(args.stdlib, cache_dir=args.cache_dir)
-    report = run(cfg, kg)
-    print(format_table(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, sort_keys=True))
-    print(f"wrote {args.out}")
+    try:
+        args.models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
+        args.losses = [x.strip() for x in args.losses.split(",") if x.strip()]
+        args.dims, args.lrs, args.thetas = _ints(args.dims), _floats(args.lrs), _thetas(args.thetas)
+        args.seeds = _ints(args.seeds)
+    except ValueError as e:
+        parser.error(f"could not parse a list argument: {e}")
+    bad = [m for m in args.models if m not in MODEL_NAMES]
+    if bad or not args.models:
+        parser.error(f"--models must name some of {list(MODEL_NAMES)}, got {bad or args.models}")
+    bad = [x for x in args.losses if x not in LOSSES]
+    if bad or not args.losses:
+        parser.error(f"--losses must name some of {list(LOSSES)}, got {bad or args.losses}")
+    if not args.dims or min(args.dims) < 1:
+        parser.error(f"--dims must be positive ints, got {args.dims}")
+    if not args.lrs or min(args.lrs) <= 0:
+        parser.error(f"--lrs must be positive numbers, got {args.lrs}")
+    if "ternary" in args.models and len(args.thetas) != len(args.lrs):
+        parser.error(f"--thetas must hold as many schedules as --lrs has rates (the same budget), "
+                     f"got {len(args.thetas)} and {len(args.lrs)}")
+    if any(t0 < 1 or t1 < 1 for t0, t1 in args.thetas):
+        parser.error(f"--thetas must be positive, got {args.thetas}")
+    if not args.seeds:
+        parser.error(f"--seeds must name at least one seed, got {args.seeds}")
+    for name in ("max_epochs", "eval_every", "patience", "negatives", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+
+    given = argv if argv is not None else sys.argv[1:]
+    command = "PYTHONPATH=. .venv/bin/python experiments/kg_baselines.py " + " ".join(shlex.quote(a) for a in given)
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if args.log:
+        args.log.parent.mkdir(parents=True, exist_ok=True)
+        args.log.write_text(f"command: {command}\n")
+        handlers.append(logging.FileHandler(args.log, mode="a", encoding="utf-8"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers, force=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = (f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch thread(s), "
+               f"torch {torch.__version__}, {datetime.date.today().isoformat()}")
+    logger.info("command: %s", command)
+    logger.info("machine: %s", machine)
+    t0 = time.perf_counter()
+    kg = build_stdlib_kg(args.stdlib, cache_dir=args.cache_dir or default_kg_cache_dir())
+    report = run(args, kg)
+    report.update(command=command, machine=machine, total_seconds=time.perf_counter() - t0)
+    md = format_markdown(report)
+    logger.info("results:\n%s", md)
+    logger.info("total %.0f s (grid %.0f s, seeds %.0f s)", report["total_seconds"], report["grid_seconds"],
+                report["seeds_seconds"])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2, sort_keys=True))
+    logger.info("wrote %s", args.json)
     return report
 
 

@@ -1,4 +1,9 @@
-"""Ternary link prediction against PyG's float KGE models on the stdlib knowledge graph.
+"""Ternary link prediction on the stdlib knowledge graph: the scorer, its KG codes, variants
+and a same-recipe float control.
+
+The fair comparison against PyG's float KGE models (DistMult, ComplEx, RotatE, TransE, each
+with its native loss and with this scorer's recipe, all tuned with the same budget and early
+stopping) is ``experiments/kg_baselines.py``; this script studies the scorer itself.
 
 Trains, on the same deterministic split of :func:`ternary_graph.kg.graph.build_stdlib_kg`,
 with the same embedding width and epochs:
@@ -7,9 +12,8 @@ with the same embedding width and epochs:
   score, cross-entropy against 256 shared sampled negatives), scored with its raw entity
   vectors and with their KG VQ codes;
 * a float control: the same scorer, loss and negatives with float tables and Adam, to
-  separate what the training recipe does from what ternary weights do;
-* PyG's ``DistMult`` and ``TransE`` with their own loaders and losses
-  (``experiments/kg_baselines.py``);
+  separate what the training recipe does from what ternary weights do (fixed epochs, no
+  early stopping: see kg_baselines.py for a tuned one);
 * optionally (``--variants``) more ternary variants: ``dim128`` (double width, still far
   below float bytes) and ``complex`` (ComplEx-style score).
 
@@ -41,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.kg_baselines import RunConfig, run as run_pyg_baselines, seen_in_train
+from experiments.kg_baselines import seen_in_train
 from ternary_graph.kg.graph import KnowledgeGraph
 from ternary_graph.kg.metrics import random_ranking_mrr
 from ternary_graph.kg.task import KGSummary, KGTrainConfig, load_kg, train_kg
@@ -76,7 +80,7 @@ def ternary_rows(name: str, s: KGSummary, num_entities: int, num_relations: int,
 
 def format_markdown(report: dict) -> str:
     g, rows = report["graph"], report["rows"]
-    ref = next((r for r in rows if r["model"] == "PyG DistMult"), None)
+    ref = next((r for r in rows if r["model"].startswith("float DistMult")), None)
     lines = [
         "## Knowledge graph link prediction (stdlib KG)",
         "",
@@ -91,7 +95,7 @@ def format_markdown(report: dict) -> str:
         f"Command: `{report['command']}` ({report['total_seconds']:.0f} s).",
         "",
         "| model | test MRR | Hits@1 | Hits@3 | Hits@10 | valid MRR | inference bytes | training-state bytes "
-        "| fp32 DistMult / inference bytes | train s |",
+        "| float control / inference bytes | train s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -102,14 +106,6 @@ def format_markdown(report: dict) -> str:
         lines.append(f"| {name} | {r['test_mrr']:.4f} | {r['hits@1']:.4f} | {r['hits@3']:.4f} | {r['hits@10']:.4f} "
                      f"| {valid} | {r['inference_bytes']:,} | {r['training_bytes']:,} | {ratio} | {secs} |")
     lines.append("")
-    t = next(r for r in rows if r["model"] == "ternary DistMult")
-    if ref:
-        share = t["test_mrr"] / ref["test_mrr"]
-        mem = ref["inference_bytes"] / t["inference_bytes"]
-        ok = share >= 0.9 and mem >= 10
-        lines.append(f"Target (ternary test MRR >= 90% of PyG DistMult's at >= 10x less parameter memory): "
-                     f"{share:.0%} of its MRR at {mem:.1f}x less memory: **{'met' if ok else 'not met'}**.")
-        lines.append("")
     lines += [
         "Notes:",
         "- Inference bytes: ternary = packed trits + int8 row scales of the entity and relation tables; "
@@ -126,10 +122,10 @@ def format_markdown(report: dict) -> str:
                      "float32 at dim 64 and 512 at dim 128: 9.5x and 19x less.")
     lines += [
         "- The ternary scorer and the float control share one recipe (cross-entropy of the true tail and "
-        "head against 256 uniformly drawn negatives shared by the batch; logits 0.25 x score); PyG's "
-        "models use their own loss and loader as PyG documents them. The gap between the float control "
-        "and PyG DistMult is the recipe; the gap between ternary and the float control is the weights "
-        "(the float control overfits: its valid MRR peaks early, see its metrics.jsonl).",
+        "head against 256 uniformly drawn negatives shared by the batch; logits 0.25 x score). The float "
+        "control is scored after the last epoch and overfits (its valid MRR peaks early, see its "
+        "metrics.jsonl); the tuned, early-stopped float models and the target are in the fair-baselines "
+        "table (experiments/kg_baselines.py).",
         "- Ternary training: int8 sign votes of magnitude 4, threshold ramped 8 -> 16 over the run, row "
         "scales frozen (learned scales grew and destabilised training), no accumulator decay. Variants "
         "tried on the valid split are listed in `ternary_graph/kg/task.py`.",
@@ -188,13 +184,6 @@ def main(argv: list[str] | None = None) -> dict:
         sf = run_ternary("float control", "float_control", weights="float", kg_codebook_size=0)
         rows.append(_row("float DistMult, same recipe (Adam)", sf.test, sf.valid_mrr, sf.inference_bytes,
                          sf.training_bytes, sf.train_seconds))
-    logger.info("training PyG DistMult and TransE")
-    pyg = run_pyg_baselines(RunConfig(epochs=args.epochs, dim=args.dim, batch_size=args.batch_size,
-                                      models=("distmult", "transe"), seed=args.seed), kg)
-    for name, label in (("distmult", "PyG DistMult"), ("transe", "PyG TransE")):
-        r = pyg["results"][name]
-        rows.append(_row(label, r["test"], r["valid"]["mrr"], r["param_bytes"], 4 * r["param_bytes"],
-                         r["train_seconds"]))
 
     cmd = "PYTHONPATH=. .venv/bin/python experiments/kg_link_prediction.py" + (
         f" --variants {','.join(variants)}" if variants else "")

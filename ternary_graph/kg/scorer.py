@@ -78,6 +78,47 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def draw_shared_negatives(num_entities: int, num_negatives: int, *, generator: torch.Generator | None = None,
+                          device: torch.device | str | None = None) -> Tensor:
+    """(num_negatives,) int64 entity ids drawn uniformly, shared by every row of a batch.
+
+    Drawn on the CPU, where ``generator`` lives, so a seed gives the same negatives on any
+    device; then moved to ``device``. Used by :meth:`TernaryKGScorer.loss` and by the float
+    baselines trained with the same recipe (kg/baselines.py).
+    """
+    _check_positive_int("num_entities", num_entities)
+    _check_positive_int("num_negatives", num_negatives)
+    return torch.randint(0, num_entities, (num_negatives,), generator=generator, device="cpu").to(device)
+
+
+def two_sided_sampled_cross_entropy(pos_tail: Tensor, neg_tail: Tensor, clash_tail: Tensor,
+                                    pos_head: Tensor, neg_head: Tensor, clash_head: Tensor) -> Tensor:
+    """The scorer's training loss from its logits: mean of the tail and head cross-entropies.
+
+    Row ``i`` of each side is the softmax over ``[pos_i, neg_i1, ..., neg_iK]`` with the true
+    answer in column 0; a negative flagged in ``clash`` (it is the row's true answer, so it
+    would be scored as a positive) is masked to ``-inf``. Pure; shared by
+    :meth:`TernaryKGScorer.loss` and the float baselines of kg/baselines.py.
+
+    Shapes:
+        pos_*: (B,) logits of the true triples; neg_*: (B, K) logits of the shared negatives;
+        clash_*: (B, K) bool (broadcastable). Returns () float.
+    """
+    b = pos_tail.shape[0]
+    for name, pos, neg in (("tail", pos_tail, neg_tail), ("head", pos_head, neg_head)):
+        if pos.dim() != 1 or neg.dim() != 2 or neg.shape[0] != pos.shape[0] or pos.shape[0] != b:
+            raise ValueError(f"pos_{name} must be (B,) and neg_{name} (B, K) with one B, got "
+                             f"{tuple(pos.shape)} and {tuple(neg.shape)} (B={b})")
+    pad = torch.zeros(b, 1, dtype=torch.bool, device=pos_tail.device)
+    target = torch.zeros(b, dtype=torch.long, device=pos_tail.device)
+    losses = []
+    for pos, neg, clash in ((pos_tail, neg_tail, clash_tail), (pos_head, neg_head, clash_head)):
+        logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
+        mask = torch.cat([pad, clash.expand(neg.shape)], dim=1)
+        losses.append(F.cross_entropy(logits.masked_fill(mask, float("-inf")), target))
+    return 0.5 * (losses[0] + losses[1])
+
+
 class _ProportionalVoteGate(torch.autograd.Function):
     """Identity forward; backward keeps each gradient entry with probability
     ``min(1, |g| / (c · mean|g|))`` and zeroes the rest (the sign of a kept entry is kept)."""
@@ -234,9 +275,7 @@ class TernaryKGScorer(nn.Module):
             ids = torch.arange(self.num_entities, device=self.device)
             inv_h, inv_t, inv_c = h, t, ids
         else:
-            _check_positive_int("num_negatives", num_negatives)
-            neg = torch.randint(0, self.num_entities, (num_negatives,), generator=generator,
-                                device="cpu").to(self.device)
+            neg = draw_shared_negatives(self.num_entities, num_negatives, generator=generator, device=self.device)
             ids, inverse = torch.unique(torch.cat([h, t, neg]), return_inverse=True)
             b = h.shape[0]
             inv_h, inv_t, inv_c = inverse[:b], inverse[b:2 * b], inverse[2 * b:]
@@ -251,13 +290,10 @@ class TernaryKGScorer(nn.Module):
             logits_h = self.logit_scale * (q_head @ e_c.t())
             return 0.5 * (F.cross_entropy(logits_t, t) + F.cross_entropy(logits_h, h))
         cand = inv_c.unsqueeze(0)
-        logits_t = self.logit_scale * torch.cat([(q_tail * e_t).sum(-1, keepdim=True), q_tail @ e_c.t()], dim=1)
-        logits_h = self.logit_scale * torch.cat([(q_head * e_h).sum(-1, keepdim=True), q_head @ e_c.t()], dim=1)
-        pad = torch.zeros(h.shape[0], 1, dtype=torch.bool, device=self.device)
-        logits_t = logits_t.masked_fill(torch.cat([pad, cand == inv_t.unsqueeze(1)], dim=1), float("-inf"))
-        logits_h = logits_h.masked_fill(torch.cat([pad, cand == inv_h.unsqueeze(1)], dim=1), float("-inf"))
-        target = torch.zeros(h.shape[0], dtype=torch.long, device=self.device)
-        return 0.5 * (F.cross_entropy(logits_t, target) + F.cross_entropy(logits_h, target))
+        s = self.logit_scale
+        return two_sided_sampled_cross_entropy(
+            s * (q_tail * e_t).sum(-1), s * (q_tail @ e_c.t()), cand == inv_t.unsqueeze(1),
+            s * (q_head * e_h).sum(-1), s * (q_head @ e_c.t()), cand == inv_h.unsqueeze(1))
 
     # --- scoring (no votes) -----------------------------------------------------------------
     @torch.no_grad()
