@@ -38,7 +38,7 @@ def test_bf16_training_steps(weights):
     before = gu.weight.detach().clone() if weights == "float" else None
     losses = []
     for step in range(4):
-        out, stats, _ = train_step(model, opt, *_batch(step))
+        out, _, _ = train_step(model, opt, *_batch(step))
         assert out.logits.dtype == torch.bfloat16 and out.lm_loss.dtype == torch.float32
         losses.append(float(out.lm_loss))
     assert all(math.isfinite(v) for v in losses) and abs(losses[0] - math.log(256)) < 1.0, losses
@@ -46,7 +46,6 @@ def test_bf16_training_steps(weights):
         assert not torch.equal(before, gu.weight.detach()), "the grouped experts did not learn"
     else:  # four steps of ±4 votes stay below θ = 24: the votes are there, the flips come later
         assert (gu.weight.T_accum != 0).float().mean() > 0.5, "the grouped experts cast no votes"
-        assert int(stats.flips) >= 0
 
 
 def test_train_step_does_not_synchronise_the_host():
@@ -62,7 +61,7 @@ def test_train_step_does_not_synchronise_the_host():
             out, stats, _ = train_step(model, opt, x, y)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert math.isfinite(float(out.lm_loss)) and int(stats.flips) >= 0
+    assert math.isfinite(float(out.lm_loss)) and int(stats.trits_updated) > 0  # device statistics read after the step
 
 
 def test_captured_step_matches_eager_steps():

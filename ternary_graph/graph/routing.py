@@ -239,13 +239,13 @@ def aggregate_votes(code: torch.Tensor, expert: torch.Tensor, votes: torch.Tenso
                     num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum votes per unique (code, expert) pair; pairs come out sorted by (code, expert).
 
+    The compacted form of :func:`aggregate_votes_padded` (the compaction reads the count of
+    distinct pairs on the host).
+
     Shapes: code, expert (P,) int64; votes (P,) int -> (n,) int64, (n,) int64, (n,) int32
     """
-    key = code.long() * num_experts + expert.long()
-    unique, inverse = torch.unique(key, return_inverse=True)
-    summed = torch.zeros(unique.numel(), dtype=torch.int32, device=votes.device)
-    summed.index_add_(0, inverse, votes.to(torch.int32))
-    return unique // num_experts, unique % num_experts, summed
+    code, expert, summed, valid = aggregate_votes_padded(code, expert, votes, num_experts)
+    return code[valid], expert[valid], summed[valid]
 
 
 def aggregate_votes_padded(code: torch.Tensor, expert: torch.Tensor, votes: torch.Tensor, num_experts: int
