@@ -31,6 +31,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=int, default=d.threshold, help="vote threshold θ at step 0")
     p.add_argument("--threshold-final", type=_none_or_int, default=d.threshold_final,
                    help="θ at the last step, ramped linearly ('none': constant)")
+    p.add_argument("--threshold-ramp-from", type=float, default=d.threshold_ramp_from,
+                   help="fraction of the run after which θ starts ramping to --threshold-final (0: all of it)")
     p.add_argument("--scale-threshold", type=int, default=d.scale_threshold, help="row-scale vote threshold (0 freezes)")
     p.add_argument("--decay-shift", type=_none_or_int, default=d.decay_shift, help="accumulator decay shift ('none')")
     p.add_argument("--vote-magnitude", type=int, default=d.vote_magnitude)
@@ -87,7 +89,8 @@ def _train(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{args.preset}-{args.weights}"
     cfg = TrainConfig(preset=args.preset, weights=args.weights, steps=args.steps, batch_size=args.batch_size,
                       seq_len=args.seq_len, lr=args.lr, threshold=args.threshold,
-                      threshold_final=args.threshold_final, scale_threshold=args.scale_threshold,
+                      threshold_final=args.threshold_final, threshold_ramp_from=args.threshold_ramp_from,
+                      scale_threshold=args.scale_threshold,
                       decay_shift=args.decay_shift, vote_magnitude=args.vote_magnitude, flip_prob=args.flip_prob,
                       eval_every=args.eval_every, eval_windows=args.eval_windows,
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every, keep_last=args.keep_last,

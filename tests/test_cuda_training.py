@@ -17,10 +17,10 @@ from ternary_graph.train.loop import TrainConfig, build_optimizer, train_step
 pytestmark = pytest.mark.cuda
 
 
-def _small_model(weights: str = "ternary"):
+def _small_model(weights: str = "ternary", **rule):
     cfg = get_preset("small")
     model = build_model(cfg, weights=weights, device="cuda", seed=0, compute_dtype=torch.bfloat16)
-    opt = build_optimizer(model, TrainConfig(preset="small", weights=weights, device="cuda"))
+    opt = build_optimizer(model, TrainConfig(preset="small", weights=weights, device="cuda", **rule))
     model.train()
     return model, opt
 
@@ -67,19 +67,24 @@ def test_train_step_does_not_synchronise_the_host():
 def test_captured_step_matches_eager_steps():
     """The same 5 batches through eager steps and through a CUDA-graph replay (step 0 eager +
     capture, then replays) leave the same trits, the same edges and nearly the same votes
-    (CUDA float atomics may tip ties)."""
+    (CUDA float atomics may tip ties). θ moves every step (4 -> 12): one capture follows it."""
     from ternary_graph.train.capture import CapturedTrainStep
 
+    rule = dict(steps=5, threshold=4, threshold_final=12)
     batches = [_batch(10 + i) for i in range(5)]
-    eager, eager_opt = _small_model()
+    eager, eager_opt = _small_model(**rule)
     losses_eager = [float(train_step(eager, eager_opt, x, y)[0].lm_loss) for x, y in batches]
-    graphed, graphed_opt = _small_model()
+    graphed, graphed_opt = _small_model(**rule)
     step = CapturedTrainStep(graphed, graphed_opt, train_step)
-    losses_graph = []
+    losses_graph, thresholds, flips = [], [], 0
     for x, y in batches:
         out, stats = step(x, y)
         losses_graph.append(float(out.lm_loss))
+        thresholds.append(stats.threshold)
+        flips += int(stats.flips)
     assert step.captures == 1 and graphed_opt.step_count == eager_opt.step_count == 5
+    assert thresholds == [graphed_opt.rule.threshold_at(i) for i in range(5)] and len(set(thresholds)) >= 4
+    assert flips > 0
     assert losses_graph == pytest.approx(losses_eager, rel=2e-3)
     for (name, a), (_, b) in zip(eager.state_dict().items(), graphed.state_dict().items()):
         if a.numel() == 0:

@@ -80,7 +80,13 @@ def check_update_args(packed, T_accum, E, E_accum, cols: int, threshold: int, sc
             raise ValueError(f"{name} must be int8 of shape {shape}, got dtype={t.dtype} shape={tuple(t.shape)}")
         if t.device != packed.device:
             raise ValueError(f"{name} is on {t.device} but packed is on {packed.device}")
-    if not isinstance(threshold, int) or not 1 <= threshold <= 127:
+    if isinstance(threshold, torch.Tensor):
+        # a device-resident θ (read by the kernel at launch, so a CUDA graph replays a θ schedule);
+        # its value was checked when the host wrote it (UpdateRule): reading it here would sync
+        if threshold.dtype != torch.int32 or threshold.numel() != 1 or threshold.device != packed.device:
+            raise ValueError(f"threshold tensor must be one int32 element on {packed.device}, got "
+                             f"dtype={threshold.dtype} shape={tuple(threshold.shape)} device={threshold.device}")
+    elif isinstance(threshold, bool) or not isinstance(threshold, int) or not 1 <= threshold <= 127:
         raise ValueError(f"threshold must be an int in 1..127, got {threshold!r}")
     if not isinstance(scale_threshold, int) or not 0 <= scale_threshold <= 127:
         raise ValueError(f"scale_threshold must be an int in 0..127 (0 disables), got {scale_threshold!r}")
@@ -97,7 +103,7 @@ def ternary_update_(
     E_accum: torch.Tensor,
     cols: int,
     *,
-    threshold: int,
+    threshold: int | torch.Tensor,
     scale_threshold: int,
     decay_shift: int | None = None,
     flip_prob: float = 1.0,
@@ -107,6 +113,9 @@ def ternary_update_(
     """Apply the update rule in place to all rows, or only to ``rows`` (int64 ids, each at most
     once; negative ids are padding and skipped).
 
+    ``threshold`` is θ as an int, or as a one-element int32 tensor on the state's device that
+    the CUDA kernel reads when it runs (a captured step then follows a θ schedule).
+
     Returns the number of trits that changed value: an int from the CPU reference, a 0-dim
     device tensor from the CUDA kernel (the host reads it only when a statistic is logged).
     """
@@ -115,6 +124,8 @@ def ternary_update_(
         return _update_triton(packed, T_accum, E, E_accum, cols, threshold=threshold,
                               scale_threshold=scale_threshold, decay_shift=decay_shift,
                               flip_prob=flip_prob, seed=seed, rows=rows)
+    if isinstance(threshold, torch.Tensor):
+        threshold = int(threshold)  # CPU: no device to keep it on
     if rows is None:
         new = update_reference(packed, T_accum, E, E_accum, cols, threshold=threshold,
                                scale_threshold=scale_threshold, decay_shift=decay_shift,
@@ -147,14 +158,14 @@ if HAS_TRITON:
             acc = acc - sgn * (tl.abs(acc) >> decay_shift)
         return tl.where(fire, 0, acc)
 
-    @triton.jit(do_not_specialize=["R", "cols", "KB", "threshold", "scale_threshold", "decay_shift", "flip_prob",
-                                   "seed"])
+    @triton.jit(do_not_specialize=["R", "cols", "KB", "scale_threshold", "decay_shift", "flip_prob", "seed"])
     def _update_kernel(p_ptr, t_ptr, e_ptr, ea_ptr, rows_ptr, flips_ptr, R, cols, KB, stride_pn, stride_tn,
-                       threshold, scale_threshold, decay_shift, flip_prob, seed,
+                       theta_ptr, scale_threshold, decay_shift, flip_prob, seed,
                        HAS_ROWS: tl.constexpr, DECAY: tl.constexpr, STOCHASTIC: tl.constexpr,
                        UPDATE_E: tl.constexpr, BR: tl.constexpr, BKB: tl.constexpr):
         pid_r = tl.program_id(0)
         pid_j = tl.program_id(1)
+        threshold = tl.load(theta_ptr)
         ridx = pid_r * BR + tl.arange(0, BR)
         r_ok = ridx < R
         if HAS_ROWS:  # negative ids are padding (fixed-size row lists): skipped
@@ -203,7 +214,7 @@ if HAS_TRITON:
                 tl.store(ea_ptr + row, _step_accumulator(e_acc, fire_e, DECAY, decay_shift).to(tl.int8), mask=r_ok)
 
     def _update_triton(packed: torch.Tensor, T_accum: torch.Tensor, E: torch.Tensor, E_accum: torch.Tensor,
-                       cols: int, *, threshold: int, scale_threshold: int, decay_shift: int | None = None,
+                       cols: int, *, threshold: int | torch.Tensor, scale_threshold: int, decay_shift: int | None = None,
                        flip_prob: float = 1.0, seed: int = 0, rows: torch.Tensor | None = None) -> int:
         """In-place Triton update of all rows, or of ``rows`` (unique ids); returns the flip count
         as a 0-dim int32 device tensor (no host sync).
@@ -231,6 +242,8 @@ if HAS_TRITON:
         flips = torch.zeros(1, dtype=torch.int32, device=packed.device)
         if n_rows == 0 or kb == 0:
             return flips[0]
+        if not isinstance(threshold, torch.Tensor):
+            threshold = torch.full((1,), threshold, dtype=torch.int32, device=packed.device)
         BR, BKB = 16, 64
         grid = (triton.cdiv(n_rows, BR), triton.cdiv(kb, BKB))
         _update_kernel[grid](packed, T_accum, E, E_accum, rows if rows is not None else packed, flips, n_rows, cols,

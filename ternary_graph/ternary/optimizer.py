@@ -19,6 +19,7 @@ from torch import nn
 # Module import, not a name: kernels.ternary_update imports ternary.packing, whose package
 # __init__ imports this file, so the name may not exist yet when this line runs.
 from ..kernels import ternary_update as _update_kernels
+from .packing import count_zero_trits
 from .state import TernaryState, ternary_states
 
 
@@ -28,7 +29,8 @@ class UpdateRule:
 
     threshold: int = 16  # |T_accum| at which a trit steps one level (θ); 1..127
     threshold_final: int | None = None  # θ at the end of the ramp (None: θ stays constant)
-    threshold_ramp_steps: int = 0  # steps over which θ moves linearly to threshold_final
+    threshold_ramp_steps: int = 0  # step at which θ reaches threshold_final (linear ramp)
+    threshold_ramp_start: int = 0  # step at which the ramp begins (θ = threshold before it): a cool-down
     scale_threshold: int = 64  # |E_accum| at which a row scale steps by 2**(1/E_STEP); 0 freezes E
     decay_shift: int | None = None  # each step |acc| shrinks by |acc| >> decay_shift (None: no decay)
     flip_prob: float = 1.0  # probability that a trit at threshold actually steps (stochastic flips)
@@ -41,6 +43,10 @@ class UpdateRule:
                 raise ValueError(f"{name} must be an int in 1..127, got {value!r}")
         if not isinstance(self.threshold_ramp_steps, int) or self.threshold_ramp_steps < 0:
             raise ValueError(f"threshold_ramp_steps must be a non-negative int, got {self.threshold_ramp_steps!r}")
+        if (not isinstance(self.threshold_ramp_start, int) or self.threshold_ramp_start < 0
+                or (self.threshold_ramp_steps and self.threshold_ramp_start >= self.threshold_ramp_steps)):
+            raise ValueError(f"threshold_ramp_start must be an int in 0..threshold_ramp_steps-1 "
+                             f"({self.threshold_ramp_steps - 1}), got {self.threshold_ramp_start!r}")
         if not isinstance(self.scale_threshold, int) or not 0 <= self.scale_threshold <= 127:
             raise ValueError(f"scale_threshold must be an int in 0..127, got {self.scale_threshold!r}")
         if self.decay_shift is not None and (not isinstance(self.decay_shift, int) or not 1 <= self.decay_shift <= 7):
@@ -51,10 +57,12 @@ class UpdateRule:
             raise ValueError(f"vote_magnitude must be an int in 1..127, got {self.vote_magnitude!r}")
 
     def threshold_at(self, step: int) -> int:
-        """θ for optimizer step ``step`` (0-based): constant, or a linear ramp, then constant."""
+        """θ for optimizer step ``step`` (0-based): ``threshold`` until ``threshold_ramp_start``,
+        then a linear ramp that reaches ``threshold_final`` at ``threshold_ramp_steps``, then constant."""
         if self.threshold_final is None or self.threshold_ramp_steps == 0:
             return self.threshold if self.threshold_final is None else self.threshold_final
-        frac = min(1.0, step / self.threshold_ramp_steps)
+        start = self.threshold_ramp_start
+        frac = min(1.0, max(0, step - start) / (self.threshold_ramp_steps - start))
         return round(self.threshold + frac * (self.threshold_final - self.threshold))
 
 
@@ -100,20 +108,37 @@ class TernaryOptimizer:
         self.float_optimizer = float_optimizer
         self.step_count = 0
         self._generator = torch.Generator().manual_seed(seed)
+        # θ lives on each accelerator as one int32 that the update kernel reads when it runs: a
+        # captured step (train/capture.py) then follows the θ schedule without a new capture.
+        self._threshold_on: dict[torch.device, torch.Tensor] = {
+            dev: torch.zeros(1, dtype=torch.int32, device=dev)
+            for dev in {s.packed.device for s in states} if dev.type == "cuda"}
         for s in self.states:
             s.vote_magnitude = self.rule.vote_magnitude
 
     @torch.no_grad()
-    def step(self) -> StepStats:
+    def write_threshold(self) -> int:
+        """Write this step's θ into the device copies the update kernels read; returns θ. ``step()``
+        does it itself, except while a CUDA graph records it: a replay reads what the caller
+        wrote before it (see CapturedTrainStep)."""
         threshold = self.rule.threshold_at(self.step_count)
+        for buf in self._threshold_on.values():
+            buf.fill_(threshold)
+        return threshold
+
+    @torch.no_grad()
+    def step(self) -> StepStats:
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        threshold = self.rule.threshold_at(self.step_count) if capturing else self.write_threshold()
         flips = visited = 0
         for state in self.states:
             rows = state.take_touched_rows()
             if rows is not None and rows.numel() == 0:
                 continue
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._generator))
+            theta = self._threshold_on.get(state.packed.device, threshold)
             flips += _update_kernels.ternary_update_(state.packed, state.T_accum, state.E, state.E_accum, state.cols,
-                                     threshold=threshold, scale_threshold=self.rule.scale_threshold,
+                                     threshold=theta, scale_threshold=self.rule.scale_threshold,
                                      decay_shift=self.rule.decay_shift, flip_prob=self.rule.flip_prob,
                                      seed=seed, rows=rows)
             visited += state.cols * (state.rows if rows is None else (rows >= 0).sum())
@@ -124,6 +149,34 @@ class TernaryOptimizer:
         stats = StepStats(self.step_count, threshold, flips, visited, n_float)
         self.step_count += 1
         return stats
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """Health of the trits and accumulators, over all states (read at evaluation time: it
+        synchronises the host and scans every byte of state once).
+
+        zero_fraction: trits at 0. saturated_fraction: trit accumulators pinned at ±127.
+        armed_fraction: trit accumulators at or past the current θ (would step if voted on again).
+        scale_exponent_mean / _std: the row log-scales E (in 1/E_STEP octaves).
+        """
+        threshold = self.rule.threshold_at(self.step_count)
+        trits = zeros = saturated = armed = rows = 0
+        e_sum = e_sq = 0.0
+        for s in self.states:
+            zeros += count_zero_trits(s.packed, s.cols)
+            for block in s.T_accum.split(max(1, (1 << 24) // s.cols)):
+                mag = block.to(torch.int16).abs_()
+                saturated += int((mag == 127).sum())
+                armed += int((mag >= threshold).sum())
+            e = s.E.to(torch.float64)
+            e_sum, e_sq, rows = e_sum + float(e.sum()), e_sq + float((e * e).sum()), rows + s.rows
+            trits += s.rows * s.cols
+        if trits == 0:
+            return {}
+        mean = e_sum / rows
+        return {"zero_fraction": zeros / trits, "saturated_fraction": saturated / trits,
+                "armed_fraction": armed / trits, "scale_exponent_mean": mean,
+                "scale_exponent_std": max(0.0, e_sq / rows - mean * mean) ** 0.5}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears float gradients. Votes are not gradients: they persist in the accumulators."""

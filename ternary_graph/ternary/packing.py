@@ -117,6 +117,19 @@ def unpack_trits(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return trits.reshape(*packed.shape[:-1], packed.shape[-1] * TRITS_PER_BYTE)[..., :cols]
 
 
+def count_zero_trits(packed: torch.Tensor, cols: int) -> int:
+    """Number of zero trits among the ``cols`` real trits of every row of ``packed`` (a byte-table
+    lookup in blocks of rows: no unpacked copy of the whole matrix)."""
+    check_packed(packed, cols, check_values=False)
+    zeros_per_byte = (_decode_table(packed.device) == 0).sum(dim=1).to(torch.int32)  # (243,)
+    pad = packed.shape[-1] * TRITS_PER_BYTE - cols  # padding trits are zeros: not counted
+    rows = packed.reshape(-1, packed.shape[-1])
+    total = 0
+    for block in rows.split(max(1, (1 << 24) // max(1, rows.shape[1]))):
+        total += int(zeros_per_byte[block.long()].sum())
+    return total - pad * rows.shape[0]
+
+
 def random_packed(
     rows: int,
     cols: int,

@@ -7,8 +7,8 @@ and ``update_graph()``, can be captured once with ``torch.cuda.graph`` and repla
 batch of the same shape: one launch per step.
 
 What a graph freezes, and how this class keeps it right:
-  * the vote threshold θ is a kernel argument: when ``rule.threshold_at(step)`` changes (the θ
-    ramp), that step runs eagerly and the graph is captured anew;
+  * the vote threshold θ is a one-element device tensor the update kernel reads when it runs:
+    before every replay the host writes that step's θ into it, so the θ ramp needs no new capture;
   * the optimizer's step counter advances on the host after every replay;
   * the VQ codebooks' usage decay and dead-code re-seeding are host decisions on a schedule:
     inside the graph the codebooks only accumulate (``defer_schedule``), and the schedule runs
@@ -51,16 +51,15 @@ class CapturedTrainStep:
         self.model, self.opt, self.step_fn = model, opt, step_fn
         self.vqs = [m for m in model.modules() if isinstance(m, TernaryVQCodebook)]
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.threshold: int | None = None
         self.captures = 0
         self._x = self._y = None
         self._outputs = None
         self._vq_refs: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
-        threshold = self.opt.rule.threshold_at(self.opt.step_count)
-        if self.graph is None or threshold != self.threshold or x.shape != self._x.shape:
-            return self._eager_then_capture(x, y, threshold)
+        if self.graph is None or x.shape != self._x.shape:
+            return self._eager_then_capture(x, y)
+        threshold = self.opt.write_threshold()
         self._x.copy_(x, non_blocking=True)
         self._y.copy_(y, non_blocking=True)
         self.graph.replay()
@@ -74,7 +73,7 @@ class CapturedTrainStep:
         return out, StepStats(self.opt.step_count - 1, threshold, stats.flips, stats.trits_updated,
                               stats.float_params)
 
-    def _eager_then_capture(self, x: torch.Tensor, y: torch.Tensor, threshold: int):
+    def _eager_then_capture(self, x: torch.Tensor, y: torch.Tensor):
         """Run this step eagerly on a side stream (it also warms Triton and the allocator up), then
         record the step, for the steps that follow, into a new graph."""
         for vq in self.vqs:
@@ -98,6 +97,5 @@ class CapturedTrainStep:
             self._vq_refs[id(vq)] = vq._deferred
             vq._deferred = None
         self._outputs = (out, stats)
-        self.threshold = threshold
         self.captures += 1
         return result[0], result[1]

@@ -64,6 +64,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW weight decay of float parameters
     threshold: int = 24  # θ at step 0: |T_accum| that makes a trit step
     threshold_final: int | None = 48  # θ at the end of the ramp (None: constant θ)
+    threshold_ramp_from: float = 0.0  # fraction of the run after which θ starts its ramp (0: the whole run)
     scale_threshold: int = 64  # |E_accum| that makes a row scale step (0 freezes scales)
     decay_shift: int | None = 4  # accumulators shrink by |acc| >> decay_shift each update
     vote_magnitude: int = 4  # votes cast per backward pass, ±vote_magnitude
@@ -106,7 +107,11 @@ class TrainConfig:
             raise ValueError(f"task must be 'lm' or 'lm+kg' (use train_kg for 'kg'), got {self.task!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        if not 0.0 <= self.threshold_ramp_from < 1.0:
+            raise ValueError(f"threshold_ramp_from must lie in [0, 1), got {self.threshold_ramp_from!r}")
         self.model_config()  # checks seq_len against the preset now, not after the corpus is prepared
+        if self.weights == "ternary":
+            self.update_rule()  # rule parameters out of range fail here, before the corpus is prepared
 
     def model_config(self) -> ModelConfig:
         """The preset with ``model_overrides``; ``seq_len`` must fit its ``max_seq_len`` (the
@@ -120,8 +125,10 @@ class TrainConfig:
         return cfg
 
     def update_rule(self) -> UpdateRule:
+        ramp = self.threshold_final is not None
         return UpdateRule(threshold=self.threshold, threshold_final=self.threshold_final,
-                          threshold_ramp_steps=self.steps if self.threshold_final is not None else 0,
+                          threshold_ramp_steps=self.steps if ramp else 0,
+                          threshold_ramp_start=int(self.threshold_ramp_from * self.steps) if ramp else 0,
                           scale_threshold=self.scale_threshold, decay_shift=self.decay_shift,
                           flip_prob=self.flip_prob, vote_magnitude=self.vote_magnitude)
 
@@ -554,6 +561,8 @@ def _train_locked(cfg: TrainConfig, run_dir: pathlib.Path, *, resume: bool, prog
                 val_nats = evaluate(model, val_ds, cfg)
                 record = record or {"step": step, "train_loss": loss_value}
                 record.update({"val_loss": val_nats, "val_bits_per_byte": val_nats * NATS_TO_BITS})
+                if opt.states:
+                    record["rule"] = opt.diagnostics()
             if record is not None and lead:
                 _append_jsonl(metrics_path, record)
             if lead and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
