@@ -141,7 +141,9 @@ def stdlib_source_files() -> list[pathlib.Path]:
         for name in filenames:
             if name.endswith(".py"):
                 path = pathlib.Path(dirpath, name)
-                if path.is_file():
+                # a symlinked file is another name for a file that is in the corpus already (some
+                # distributions' stdlib links one module to another): counting it would duplicate it
+                if path.is_file() and not path.is_symlink():
                     found.append(path)
     if not found:
         raise ValueError(f"no .py files found under the standard library path {str(root)!r}")
