@@ -35,7 +35,7 @@ wait_all() {  # until no launcher runs, or WAIT_S
 
 launch() {  # name, then rule_study run arguments
     local name="$1"; shift
-    setsid nohup python3 experiments/rule_study.py run "$@" >> "$STUDY/launch_$name.log" 2>&1 < /dev/null &
+    setsid nohup python3 experiments/rule_study.py "$@" >> "$STUDY/launch_$name.log" 2>&1 < /dev/null &
 }
 
 case "${1:-start}" in
