@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from ternary_graph.kernels import ternary_update as update_kernels
 from ternary_graph.kernels.ternary_update import update_reference
+from ternary_graph.ternary.packing import pack_trits
 from ternary_graph.nn.linear import TernaryLinear
 from ternary_graph.ternary.optimizer import TernaryOptimizer, UpdateRule
 from ternary_graph.ternary.state import float_parameters, ternary_states
@@ -29,7 +31,7 @@ def _fill_accumulators(model: nn.Module, seed: int) -> None:
 @pytest.mark.parametrize("field, value", [
     ("threshold", 0), ("threshold", 128), ("threshold_final", 300), ("threshold_ramp_steps", -1),
     ("scale_threshold", -1), ("decay_shift", 0), ("decay_shift", 8), ("flip_prob", 0.0), ("flip_prob", 1.5),
-    ("vote_magnitude", 0), ("vote_magnitude", 128),
+    ("vote_magnitude", 0), ("vote_magnitude", 128), ("threshold_ramp_start", -1),
 ])
 def test_rule_rejects_bad_values_quoting_them(field, value):
     with pytest.raises(ValueError, match=f"{field}.*{value}"):
@@ -46,6 +48,47 @@ def test_threshold_schedule():
     for _ in range(10):
         seen.append(opt.step().threshold)
     assert seen == [rule.threshold_at(s) for s in range(10)]
+
+
+def test_cool_down_holds_theta_then_ramps():
+    rule = UpdateRule(threshold=4, threshold_final=20, threshold_ramp_steps=12, threshold_ramp_start=4)
+    assert [rule.threshold_at(s) for s in (0, 3, 4, 6, 8, 10, 12, 50)] == [4, 4, 4, 8, 12, 16, 20, 20]
+    with pytest.raises(ValueError, match="threshold_ramp_start.*12"):
+        UpdateRule(threshold=4, threshold_final=20, threshold_ramp_steps=12, threshold_ramp_start=12)
+
+
+def test_threshold_as_a_tensor_steps_like_the_int():
+    """CPU: a one-element int32 θ (what the optimizer keeps on a GPU) applies the same rule."""
+    model_a, model_b = _model(), _model()
+    _fill_accumulators(model_a, 5)
+    _fill_accumulators(model_b, 5)
+    for a, b in zip(ternary_states(model_a), ternary_states(model_b)):
+        flips_a = update_kernels.ternary_update_(a.packed, a.T_accum, a.E, a.E_accum, a.cols, threshold=40,
+                                                 scale_threshold=64, decay_shift=4)
+        flips_b = update_kernels.ternary_update_(b.packed, b.T_accum, b.E, b.E_accum, b.cols,
+                                                 threshold=torch.tensor([40], dtype=torch.int32),
+                                                 scale_threshold=64, decay_shift=4)
+        assert flips_a == flips_b > 0
+        assert torch.equal(a.packed, b.packed) and torch.equal(a.T_accum, b.T_accum)
+    with pytest.raises(ValueError, match="threshold tensor must be one int32"):
+        update_kernels.ternary_update_(a.packed, a.T_accum, a.E, a.E_accum, a.cols,
+                                       threshold=torch.tensor([40, 41], dtype=torch.int32), scale_threshold=64)
+
+
+def test_diagnostics_count_zeros_saturation_and_armed_accumulators():
+    state = TernaryLinear(7, 3).weight  # 7 columns: the last packed byte holds 3 padding trits
+    trits = torch.tensor([[0, 0, 1, -1, 0, 1, 1], [1, 1, 1, 1, 1, 1, 0], [-1, 0, 0, 0, 0, 0, 0]], dtype=torch.int8)
+    state.packed.copy_(pack_trits(trits))
+    state.T_accum.zero_()
+    state.T_accum[0, :3] = torch.tensor([127, -127, 30], dtype=torch.int8)  # 2 saturated, 3 at or past θ=30
+    state.E.copy_(torch.tensor([-4, 0, 4], dtype=torch.int8))
+    opt = TernaryOptimizer([state], UpdateRule(threshold=30))
+    d = opt.diagnostics()
+    assert d["zero_fraction"] == pytest.approx(10 / 21)  # 3 + 1 + 6 zeros
+    assert d["saturated_fraction"] == pytest.approx(2 / 21)
+    assert d["armed_fraction"] == pytest.approx(3 / 21)
+    assert d["scale_exponent_mean"] == pytest.approx(0.0)
+    assert d["scale_exponent_std"] == pytest.approx((32 / 3) ** 0.5)
 
 
 def test_step_applies_the_reference_rule_and_counts_flips():

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from ternary_graph.ternary.packing import (
     MAX_PACKED_BYTE,
+    count_zero_trits,
     pack_trits,
     packed_cols,
     padding_byte_offset,
@@ -153,3 +154,10 @@ def test_decay_is_symmetric_on_magnitudes(values, shift):
 def test_decay_rejects_bad_shift():
     with pytest.raises(ValueError, match="0"):
         decay_magnitude(torch.zeros(2, dtype=torch.int8), 0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 10), (2, 3, 13)])
+def test_count_zero_trits_matches_the_unpacked_count(shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    trits = torch.randint(-1, 2, shape, generator=gen, dtype=torch.int8)
+    assert count_zero_trits(pack_trits(trits), shape[-1]) == int((trits == 0).sum())

@@ -388,3 +388,21 @@ def test_tampered_negative_next_step_is_refused(run_copy, capsys):
     assert code == 2
     line = one_error_line(err, "eval")
     assert "next_step" in line and "-1" in line
+
+
+@pytest.mark.parametrize("flag, value, field", [
+    ("--threshold", "-1", "threshold"), ("--threshold", "128", "threshold"),
+    ("--threshold-final", "200", "threshold_final"), ("--vote-magnitude", "0", "vote_magnitude"),
+    ("--decay-shift", "0", "decay_shift"), ("--decay-shift", "8", "decay_shift"),
+    ("--threshold-ramp-from", "1.0", "threshold_ramp_from"),
+])
+def test_rule_parameters_out_of_range_are_refused_quoting_them(capsys, flag, value, field):
+    code, _, err = run_main(capsys, "train", flag, value, "--out", "unused")
+    assert code == 2 and field in err and value.rstrip(".0") in err
+
+
+def test_resume_with_another_rule_names_the_field(run_copy, corpus_file):
+    res = cli("train", *FAST, *BASE_STEPS, "--steps", "4", "--threshold-ramp-from", "0.25", "--data",
+              str(corpus_file), "--out", str(run_copy), "--resume")
+    assert res.returncode == 2
+    assert "threshold_ramp_from (saved 0.5, now 0.25)" in one_error_line(res.stderr)
