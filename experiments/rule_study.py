@@ -12,7 +12,9 @@ run's best), the seed spread, the gap to the baseline variant and the rule's hea
     PYTHONPATH=. python3 experiments/rule_study.py report --root /tmp/study/tiny --out docs/measurements
 
 Every variant spells out all of its rule flags, so a variant's meaning does not move when the
-defaults of ``ternary-graph train`` change.
+defaults of ``ternary-graph train`` change. Ternary runs on CUDA replay a captured step
+(``--cuda-graph``) unless the variant lists ``--eager`` (a model with float parameters).
+``experiments/routing_ablation.py`` runs this launcher and report over its own variants.
 """
 
 from __future__ import annotations
@@ -77,17 +79,23 @@ def _finished(run: pathlib.Path, steps: int) -> bool:
     return bool(evals) and evals[-1]["step"] >= steps
 
 
+EAGER = "--eager"  # in a variant's flags: no --cuda-graph for it (it is not a flag of ternary-graph train)
+
+
 def _command(args: argparse.Namespace, variant: str, seed: int, cuda: bool) -> list[str]:
-    extra = VARIANTS[variant]
-    ternary = extra[extra.index("--weights") + 1] == "ternary"
+    extra = [a for a in args.table[variant] if a != EAGER]
+    ternary = "--weights" not in extra or extra[extra.index("--weights") + 1] == "ternary"
+    capture = ternary and cuda and EAGER not in args.table[variant]
     cmd = [sys.executable, "-c", "import sys; from ternary_graph.cli import main; sys.exit(main())", "train",
            "--preset", args.preset, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--seq-len", str(args.seq_len), "--seed", str(seed), "--eval-every", str(args.eval_every),
            "--eval-windows", str(args.eval_windows), "--checkpoint-every", str(args.steps), "--keep-last", "1",
            "--log-every", str(args.log_every), "--no-progress", "--device", "cuda" if cuda else "cpu", "--out", str(_run_dir(args.root, variant, seed)),
            *extra]
-    if ternary and cuda:
+    if capture:
         cmd.append("--cuda-graph")
+    if args.data is not None:
+        cmd += ["--data", args.data]
     return cmd
 
 
@@ -95,9 +103,9 @@ def launch(args: argparse.Namespace) -> int:
     import torch  # only to decide --cuda-graph; the runs are separate processes
 
     args.variants = list(dict.fromkeys(args.variants))  # "best,old" may name one variant twice
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in args.variants if v not in args.table]
     if unknown:
-        raise SystemExit(f"rule_study: unknown --variants {unknown}; valid: {', '.join(VARIANTS)}")
+        raise ValueError(f"unknown --variants {unknown}; valid: {', '.join(args.table)}")
     cuda = torch.cuda.is_available() and args.device != "cpu"
     args.root.mkdir(parents=True, exist_ok=True)
     todo = [(v, s) for v in args.variants for s in args.seeds
@@ -154,7 +162,7 @@ def summarise(root: pathlib.Path, steps: int | None) -> dict[str, dict]:
             records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
             speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
             tok_s.append(statistics.median(speeds) if speeds else float("nan"))
-            health.append(evals[-1].get("rule", {}))
+            health.append({**evals[-1].get("rule", {}), **_routing_health(evals[-1], records)})
             curves.append([(r["step"], r["val_bits_per_byte"]) for r in evals])
             done.append(steps is None or evals[-1]["step"] >= steps)
         if not finals:
@@ -169,22 +177,49 @@ def summarise(root: pathlib.Path, steps: int | None) -> dict[str, dict]:
     return out
 
 
+def _routing_health(last_eval: dict, records: list[dict]) -> dict:
+    """Means over the MoE layers of the last evaluation's routing (code -> expert mutual
+    information, largest / smallest expert share) and the shared VQ's last live fraction."""
+    layers = list(last_eval.get("val_routing", {}).values())
+    out = {}
+    if layers:
+        for key in ("code_expert_mi_bits", "load_max_share", "load_min_share"):
+            out[key] = statistics.fmean(layer[key] for layer in layers)
+    vq = [r["routing"]["shared_vq"] for r in records if "shared_vq" in r.get("routing", {})]
+    if vq:
+        out["vq_live_fraction"] = vq[-1]["live_fraction"]
+    return out
+
+
+# Extra report columns: (header, key in a run's health record, format)
+RULE_COLUMNS = (("zero trits", "zero_fraction", "{:.3f}"), ("saturated acc", "saturated_fraction", "{:.2e}"))
+ROUTING_COLUMNS = (("code→expert MI (bits)", "code_expert_mi_bits", "{:.3f}"),
+                   ("max / min expert share", ("load_max_share", "load_min_share"), "{:.3f} / {:.3f}"),
+                   ("shared-VQ live codes", "vq_live_fraction", "{:.1%}"))
+
+
+def _health_cell(health: dict, key, fmt: str) -> str:
+    keys = key if isinstance(key, tuple) else (key,)
+    return fmt.format(*(health[k] for k in keys)) if all(k in health for k in keys) else "-"
+
+
 def report(args: argparse.Namespace) -> int:
     table = summarise(args.root, args.steps)
     if not table:
-        raise SystemExit(f"rule_study: no runs with a validation record under {args.root}")
+        raise SystemExit(f"{args.prog}: no runs with a validation record under {args.root}")
     base = table.get(args.baseline)
+    columns = args.columns
     lines = ["| variant | seeds | final val bits/byte | best | vs " + args.baseline + " | late regression (max) | "
-             "seed spread | zero trits | saturated acc | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "seed spread | " + " | ".join(c[0] for c in columns) + " | tokens/s |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(columns) + "---|"]
     for variant, row in sorted(table.items(), key=lambda kv: kv[1]["final_mean"]):
         gap = f"{row['final_mean'] / base['final_mean'] - 1:+.1%}" if base else "-"
         health = row["health"][-1] if row["health"] else {}
-        zero = f"{health['zero_fraction']:.3f}" if "zero_fraction" in health else "-"
-        sat = f"{health['saturated_fraction']:.2e}" if "saturated_fraction" in health else "-"
+        cells = " | ".join(_health_cell(health, key, fmt) for _, key, fmt in columns)
         std = "" if math.isnan(row["final_std"]) else f" ± {row['final_std']:.4f}"
         unfinished = "" if row["finished"] == row["seeds"] else f" ({row['seeds'] - row['finished']} unfinished)"
         lines.append(f"| {variant} | {row['seeds']}{unfinished} | {row['final_mean']:.4f}{std} | {row['best_mean']:.4f} "
-                     f"| {gap} | {row['late_regression_max']:+.2%} | {row['spread']:.2%} | {zero} | {sat} "
+                     f"| {gap} | {row['late_regression_max']:+.2%} | {row['spread']:.2%} | {cells} "
                      f"| {row['tokens_per_s']:,.0f} |")
     text = "\n".join(lines)
     print(text)
@@ -206,7 +241,7 @@ def best(args: argparse.Namespace) -> int:
     table = summarise(args.root, args.steps)
     kind = [v for v in table if (v.startswith("float") == (args.kind == "float")) and table[v]["finished"]]
     if not kind:
-        raise SystemExit(f"rule_study: no finished {args.kind} runs under {args.root}")
+        raise SystemExit(f"{args.prog}: no finished {args.kind} runs under {args.root}")
     print(min(kind, key=lambda v: table[v]["final_mean"]))
     return 0
 
@@ -235,8 +270,9 @@ def _plot(table: dict[str, dict], path: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, *, table: dict[str, list[str]] = VARIANTS, doc: str = __doc__,
+         prog: str = "rule_study", baseline: str = "float", columns=RULE_COLUMNS) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="launch the runs that are not finished yet")
     r.add_argument("--preset", default="tiny")
@@ -245,12 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--eval-every", type=int, default=100)
     r.add_argument("--eval-windows", type=int, default=1024)
     r.add_argument("--log-every", type=int, default=50)
-    r.add_argument("--variants", type=lambda s: s.split(","), default=["old", "float"])
+    r.add_argument("--variants", type=lambda s: s.split(","), default=list(table)[:2])
     r.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     r.add_argument("--parallel", type=int, default=4)
     r.add_argument("--device", default="auto", help="cpu forces CPU runs (no --cuda-graph)")
+    r.add_argument("--data", default=None, help="text file or folder (default: this Python's stdlib sources)")
     q = sub.add_parser("report", help="tabulate the runs found under --root")
-    q.add_argument("--baseline", default="float")
+    q.add_argument("--baseline", default=baseline)
     q.add_argument("--out", type=pathlib.Path, default=None, help="write <name>.md/.json/.png and a tarball of the logs")
     q.add_argument("--name", default=None, help="file stem under --out (default: the root folder's name)")
     b = sub.add_parser("best", help="print the best finished variant of one kind")
@@ -260,12 +297,22 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--steps", type=int, default=1221 if sp is r else None,
                         help="the runs' length (report: marks runs that stopped short)")
     args = p.parse_args(argv)
+    args.table, args.prog, args.columns = table, prog, columns
     if args.command == "run":
         if args.parallel < 1:
-            raise SystemExit(f"rule_study: --parallel must be >= 1, got {args.parallel}")
+            raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
         return launch(args)
     return report(args) if args.command == "report" else best(args)
 
 
+def run_cli(**kwargs) -> int:
+    """``main`` for a shell: a ValueError (an unknown variant, say) is one line on stderr, exit 2."""
+    try:
+        return main(**kwargs)
+    except ValueError as exc:
+        print(f"{kwargs.get('prog', 'rule_study')}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli())

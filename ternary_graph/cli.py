@@ -37,6 +37,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decay-shift", type=_none_or_int, default=d.decay_shift, help="accumulator decay shift ('none')")
     p.add_argument("--vote-magnitude", type=int, default=d.vote_magnitude)
     p.add_argument("--flip-prob", type=float, default=d.flip_prob)
+    p.add_argument("--routing", default=d.routing,
+                   help="MoEGraph router: graph (learned edges + centroids), or an ablation baseline: frozen "
+                        "(edges frozen neutral), topk / topk-float (softmax router + load-balancing loss), "
+                        "hash (experts by code id)")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="validation windows per pass (0: all)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -90,6 +94,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(preset=args.preset, weights=args.weights, steps=args.steps, batch_size=args.batch_size,
                       seq_len=args.seq_len, lr=args.lr, threshold=args.threshold,
                       threshold_final=args.threshold_final, threshold_ramp_from=args.threshold_ramp_from,
+                      routing=args.routing,
                       scale_threshold=args.scale_threshold,
                       decay_shift=args.decay_shift, vote_magnitude=args.vote_magnitude, flip_prob=args.flip_prob,
                       eval_every=args.eval_every, eval_windows=args.eval_windows,

@@ -10,6 +10,8 @@ KGVQ_CODEBOOK_DIM = 64  # dimension of the KG codes
 import dataclasses
 from dataclasses import dataclass
 
+ROUTINGS = ("graph", "frozen", "topk", "topk-float", "hash")  # MoEGraph routers (see graph/moegraph.py)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -33,6 +35,8 @@ class ModelConfig:
     num_relations: int = 8  # KG relation types scored by the composite head
     commitment_weight: float = 0.25  # weight of the VQ commitment loss (per element of the code vector)
     rope_base: float = 10_000.0  # rotary frequency base
+    routing: str = "graph"  # how MoEGraph picks experts: one of ROUTINGS (the others are ablation baselines)
+    balance_weight: float = 0.01  # weight of the Switch load-balancing loss of the topk routers
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "num_experts", "expert_hidden",
@@ -50,6 +54,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.fanout > self.num_experts:
             raise ValueError(f"ModelConfig.fanout={self.fanout} exceeds num_experts={self.num_experts}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"ModelConfig.routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+        if not self.balance_weight >= 0:
+            raise ValueError(f"ModelConfig.balance_weight must be >= 0, got {self.balance_weight!r}")
         if not self.commitment_weight >= 0:
             raise ValueError(f"ModelConfig.commitment_weight must be >= 0, got {self.commitment_weight!r}")
 

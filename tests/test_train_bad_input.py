@@ -406,3 +406,24 @@ def test_resume_with_another_rule_names_the_field(run_copy, corpus_file):
               str(corpus_file), "--out", str(run_copy), "--resume")
     assert res.returncode == 2
     assert "threshold_ramp_from (saved 0.5, now 0.25)" in one_error_line(res.stderr)
+
+
+def test_resume_with_another_router_names_the_field(run_copy, corpus_file):
+    res = cli("train", *FAST, *BASE_STEPS, "--steps", "4", "--routing", "topk", "--data", str(corpus_file),
+              "--out", str(run_copy), "--resume")
+    assert res.returncode == 2
+    assert "routing (saved 'graph', now 'topk')" in one_error_line(res.stderr)
+
+
+def test_unknown_router_is_one_line_listing_the_valid_ones(capsys):
+    code, _, err = run_main(capsys, "train", "--routing", "switch", "--out", "unused")
+    assert code == 2 and "routing must be one of graph, frozen, topk, topk-float, hash, got 'switch'" in err
+
+
+def test_a_checkpoint_older_than_the_cool_down_resumes_with_its_own_rule():
+    from ternary_graph.train.loop import TrainConfig, config_differences, saved_train_config
+
+    old_meta = {"train_config": {"threshold": 24, "threshold_final": 48}}  # written before the field existed
+    saved = saved_train_config(old_meta)
+    assert saved.threshold_ramp_from == 0.0 and saved.routing == "graph"
+    assert "threshold_ramp_from (saved 0.0, now 0.5)" in "; ".join(config_differences(saved, TrainConfig()))

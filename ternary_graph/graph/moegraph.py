@@ -60,6 +60,7 @@ from torch import nn
 from torch_geometric.data import HeteroData
 
 from ..checks import check_in_range
+from ..config import ROUTINGS
 from ..nn.embedding import TernaryEmbeddingTable
 from ..nn.ffn import GroupedSwiGLU
 from ..ternary.state import default_row_scale
@@ -76,6 +77,7 @@ from .routing import (
     edge_attr_from_score,
     edge_bonus,
     gate_softmax,
+    hash_experts,
     load_bias_update,
     lookup_dense_edges,
     lookup_sorted_edges,
@@ -83,10 +85,18 @@ from .routing import (
     merge_active_edges,
     rewire_dense_edges,
     select_experts,
+    switch_balance_loss,
 )
 
 DEFAULT_LARGE_CAPACITY = 1 << 20  # 1M active edges = 10 MiB of edge state
 MODES = ("auto", "dense", "large")
+# How a token's experts are chosen (the routing ablation, experiments/routing_ablation.py):
+#   graph       learned code -> expert edges plus centroid scores (MoEGraph proper)
+#   frozen      the same candidates with every edge frozen neutral (score 0, no votes): centroids only
+#   topk        the plain top-k softmax router over the ternary centroids, Switch load-balancing loss
+#   topk-float  the same router with a float (dim -> E) weight: float parameters in the model
+#   hash        experts fixed by a hash of the code id; gates from the centroid scores
+# (ROUTINGS lives in config.py, which ModelConfig validates against without importing this file.)
 _DENSE_INIT_CHUNK = 1 << 14  # codes per chunk when drawing dense edges: temporaries O(chunk · experts)
 
 
@@ -139,6 +149,9 @@ class MoEGraph(nn.Module):
         dense_limit: see ``mode``.
         centroid_candidates: experts per token proposed by centroid score (default ``top_k``).
         rule: edge bonus / learning / load-balance hyper-parameters (:class:`GraphRule`).
+        routing: how experts are chosen, one of :data:`ROUTINGS` (``'graph'``: MoEGraph proper;
+            the others are the routing ablation's baselines and keep the same state layout).
+        balance_weight: weight of the Switch load-balancing loss of the ``topk`` routers.
         weights: "ternary" experts, or "float" nn.Linear experts for the float baseline (the
             centroids and the edge state stay integer either way).
         zero_fraction: initial zero-trit fraction of centroids and experts (None: uniform trits).
@@ -161,7 +174,7 @@ class MoEGraph(nn.Module):
     def __init__(self, dim: int, num_experts: int, expert_hidden: int, *, codebook_size: int, top_k: int = 2,
                  fanout: int = 4, capacity: int | None = None, mode: str = "auto", dense_limit: int = 1_000_000,
                  centroid_candidates: int | None = None, rule: GraphRule | None = None,
-                 weights: str = "ternary", zero_fraction: float | None = None, device: torch.device | str | None = None,
+                 routing: str = "graph", balance_weight: float = 0.01, weights: str = "ternary", zero_fraction: float | None = None, device: torch.device | str | None = None,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         _check_pos_int("dim", dim)
@@ -185,6 +198,10 @@ class MoEGraph(nn.Module):
             raise ValueError(f"centroid_candidates={centroid_candidates} is larger than num_experts={num_experts}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+        if not balance_weight >= 0:
+            raise ValueError(f"balance_weight must be >= 0, got {balance_weight!r}")
         full = codebook_size * fanout
         if mode == "auto":
             mode = "large" if full > dense_limit or (capacity is not None and capacity < full) else "dense"
@@ -205,6 +222,7 @@ class MoEGraph(nn.Module):
         self.capacity = full if mode == "dense" else (capacity if capacity is not None
                                                       else min(full, DEFAULT_LARGE_CAPACITY))
         self.rule = rule if rule is not None else GraphRule()
+        self.routing, self.balance_weight = routing, float(balance_weight)
         self.zero_fraction = zero_fraction
         device = torch.device(device) if device is not None else None
 
@@ -215,6 +233,7 @@ class MoEGraph(nn.Module):
         self.experts = GroupedSwiGLU(num_experts, dim, expert_hidden, weights=weights, zero_fraction=zero_fraction,
                                      device=device, generator=generator)
         self.register_buffer("load_bias", torch.zeros(num_experts, dtype=torch.int8, device=device))
+        self.float_router = nn.Linear(dim, num_experts, bias=False, device=device) if routing == "topk-float" else None
         if mode == "dense":
             self.register_buffer("edge_index", torch.empty(2, full, dtype=torch.int32, device=device))
             self.register_buffer("edge_score", torch.zeros(full, dtype=torch.int8, device=device))
@@ -231,6 +250,7 @@ class MoEGraph(nn.Module):
         self._votes = VoteSink(num_experts)
         self._pending_load: torch.Tensor | None = None
         self._last_routing: Routing | None = None
+        self._balance_loss: torch.Tensor | None = None
         self._init_edges(generator)
 
     # ------------------------------------------------------------------------------------------
@@ -364,6 +384,8 @@ class MoEGraph(nn.Module):
         Shapes: x2 (T, dim) float; codes (T,) int64 -> :class:`RoutePlan` of (T · top_k,)
         """
         T, k = x2.shape[0], self.top_k
+        if self.routing in ("topk", "topk-float", "hash"):
+            return self._route_without_edges(x2, codes)
         scores = self.centroid_scores(x2)
         src, dst, attr, score = self._edge_arrays()
         if self.mode == "dense":
@@ -376,7 +398,7 @@ class MoEGraph(nn.Module):
         sel = select_experts(scores, select_bias, dst[slots].long(), bonus, valid, k, self.centroid_candidates)
         expert = sel.expert.reshape(-1)
         centroid_logit = scores.gather(1, sel.expert).reshape(-1)
-        if self.training and centroid_logit.requires_grad:
+        if self.training and centroid_logit.requires_grad and self.routing == "graph":
             pair_code = codes[:, None].expand(T, k).reshape(-1)
             logits = EdgeVoteFunction.apply(centroid_logit, sel.bonus.reshape(-1), pair_code, expert, self._votes)
         else:
@@ -384,6 +406,30 @@ class MoEGraph(nn.Module):
         token = torch.arange(T, device=x2.device)[:, None].expand(T, k).reshape(-1)
         gate = gate_softmax(logits, token, T)
         return RoutePlan(token=token, expert=expert, gate=gate, via_edge=sel.via_edge.reshape(-1))
+
+    def _route_without_edges(self, x2: torch.Tensor, codes: torch.Tensor) -> RoutePlan:
+        """The ablation's edge-free routers: top-k softmax (Switch balance loss) or hash by code."""
+        T, k = x2.shape[0], self.top_k
+        if self.routing == "topk-float":
+            scores = self.float_router(x2.to(self.float_router.weight.dtype)).float()
+        else:
+            scores = self.centroid_scores(x2)
+        if self.routing == "hash":
+            expert = hash_experts(codes, self.num_experts, k)
+        else:
+            expert = scores.detach().topk(k, dim=1).indices
+            if self.training:
+                self._balance_loss = switch_balance_loss(scores.softmax(dim=1), expert, self.num_experts)
+        token = torch.arange(T, device=x2.device)[:, None].expand(T, k).reshape(-1)
+        gate = gate_softmax(scores.gather(1, expert).reshape(-1), token, T)
+        return RoutePlan(token=token, expert=expert.reshape(-1), gate=gate,
+                         via_edge=torch.zeros(T * k, dtype=torch.bool, device=x2.device))
+
+    def take_balance_loss(self) -> torch.Tensor | None:
+        """``balance_weight`` × the load-balancing loss of the last training forward (``topk``
+        routers only; None otherwise), emptied: the model adds it to its auxiliary loss."""
+        loss, self._balance_loss = self._balance_loss, None
+        return None if loss is None else self.balance_weight * loss
 
     def forward(self, x: torch.Tensor, code_ids: torch.Tensor) -> torch.Tensor:
         self._check_inputs(x, code_ids)
@@ -415,6 +461,8 @@ class MoEGraph(nn.Module):
         """
         rule = self.rule
         src, dst, attr, score = self._edge_arrays()
+        if self.routing != "graph":
+            return self._update_load_only(src.device)
         # .to(): votes or loads cast before the module moved device follow it.
         code, expert, votes, valid = (t.to(src.device) for t in self._votes.take_padded(src.device))
         slots = match_edges(src, dst, code, expert, self.fanout)
@@ -449,6 +497,23 @@ class MoEGraph(nn.Module):
         return GraphUpdateStats(pairs_voted=valid.sum(), edges_up=edges_up, edges_down=edges_down,
                                 inserted=inserted, evicted=evicted, num_active=num_active, tokens=total,
                                 load_max_share=shares.max(), load_min_share=shares.min())
+
+    def _update_load_only(self, device: torch.device) -> GraphUpdateStats:
+        """update_graph of the ablation routers: edges stay as they are; the load bias moves only
+        for ``frozen``, the one whose selection reads it (the others balance by their loss, or not
+        at all)."""
+        self._votes.clear()
+        load, self._pending_load = self._pending_load, None
+        load = torch.zeros(self.num_experts, dtype=torch.long, device=device) if load is None else load.to(device)
+        total = load.sum()
+        if self.routing == "frozen":
+            self.load_bias.copy_(load_bias_update(self.load_bias, load, self.rule.load_step, self.rule.load_tolerance))
+        shares = load.double() / total.clamp(min=1)
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        num_active = torch.tensor(self.capacity) if self.mode == "dense" else self.num_active.clone()
+        return GraphUpdateStats(pairs_voted=zero, edges_up=zero, edges_down=zero, inserted=zero, evicted=zero,
+                                num_active=num_active, tokens=total, load_max_share=shares.max(),
+                                load_min_share=shares.min())
 
     def clear_pending(self) -> None:
         """Drop votes and load counts not yet applied (e.g. after an evaluation backward)."""
@@ -514,7 +579,7 @@ class MoEGraph(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, expert_hidden={self.expert_hidden}, "
                 f"codebook_size={self.codebook_size}, top_k={self.top_k}, fanout={self.fanout}, mode={self.mode}, "
-                f"capacity={self.capacity}, centroid_candidates={self.centroid_candidates}")
+                f"capacity={self.capacity}, centroid_candidates={self.centroid_candidates}, routing={self.routing}")
 
 
 def update_graphs(model: nn.Module) -> list[GraphUpdateStats]:

@@ -184,6 +184,56 @@ def select_experts(scores: torch.Tensor, select_bias: torch.Tensor | None, edge_
                      via_edge=cand_edge.gather(1, top))
 
 
+_HASH_MULTIPLIER = 0x9E3779B1  # Knuth's multiplicative hash (2**32 / golden ratio, odd)
+
+
+def hash_experts(codes: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
+    """Routing by code id alone (the ablation's hash router): ``top_k`` distinct experts per code,
+    the same for every token and every step.
+
+    Shapes: codes (T,) int64 in [0, 2**31) -> (T, top_k) int64 in [0, num_experts)
+    """
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must lie in 1..num_experts={num_experts}, got {top_k!r}")
+    first = ((codes.long() * _HASH_MULTIPLIER) & 0xFFFFFFFF) % num_experts
+    return (first[:, None] + torch.arange(top_k, device=codes.device)) % num_experts
+
+
+def switch_balance_loss(probs: torch.Tensor, expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The Switch Transformer load-balancing loss ``E · Σ_e f_e · P_e`` (Fedus et al. 2021, eq. 4):
+    ``f_e`` is the share of the routed (token, expert) assignments that went to ``e`` (all top-k
+    choices counted), ``P_e`` the mean router probability of ``e``. It is 1 for a uniform router
+    and grows as load and probability concentrate; gradients flow through ``P`` only.
+
+    Shapes: probs (T, E) float, rows summing to 1; expert (T, k) int64 -> () float32
+    """
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=probs.device)
+    counts.index_add_(0, expert.reshape(-1), torch.ones(expert.numel(), dtype=torch.float32, device=probs.device))
+    share = counts / max(1, expert.numel())
+    return num_experts * (share * probs.float().mean(dim=0)).sum()
+
+
+def code_expert_mutual_information(code: torch.Tensor, expert: torch.Tensor, num_experts: int) -> float:
+    """Plug-in estimate, in bits, of the mutual information between a routed pair's code and its
+    expert: ``Σ p(c, e) · log2(p(c, e) / (p(c) · p(e)))`` over the observed pairs (no table of
+    all codes: cost O(pairs)). 0 when the expert ignores the code; at most log2(num_experts).
+    Biased upward when codes are seen only a few times each.
+
+    Shapes: code, expert (P,) int
+    """
+    if code.numel() == 0:
+        return 0.0
+    code, expert = code.reshape(-1).long(), expert.reshape(-1).long()
+    pair, pair_count = torch.unique(code * num_experts + expert, return_counts=True)
+    code_values, code_count = torch.unique(code, return_counts=True)
+    expert_count = torch.bincount(expert, minlength=num_experts).double()
+    n = float(code.numel())
+    p_code = code_count.double()[torch.searchsorted(code_values, pair // num_experts)] / n
+    p_expert = expert_count[pair % num_experts] / n
+    p_pair = pair_count.double() / n
+    return float((p_pair * torch.log2(p_pair / (p_code * p_expert))).sum())
+
+
 def gate_softmax(logits: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Gates: softmax of the pair logits over each token's routed experts (PyG sparse softmax).
 

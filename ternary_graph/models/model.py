@@ -36,7 +36,7 @@ from . import generate as _generation
 class ModelOutput:
     logits: torch.Tensor  # (B, T, vocab)
     hidden: torch.Tensor  # (B, T, dim) final normalised hidden state (input of the head)
-    aux_loss: torch.Tensor  # scalar: VQ commitment losses
+    aux_loss: torch.Tensor  # scalar: VQ commitment losses (+ the topk routers' load-balancing losses)
     lm_loss: torch.Tensor | None = None  # scalar mean cross-entropy in nats, when targets are given
     loss: torch.Tensor | None = None  # lm_loss + aux_loss
 
@@ -56,8 +56,8 @@ class Block(nn.Module):
         # bounded active-edge set (large mode) takes over.
         capacity = None if cfg.edge_capacity >= cfg.codebook_size * cfg.fanout else cfg.edge_capacity
         self.moe = MoEGraph(cfg.dim, cfg.num_experts, cfg.expert_hidden, codebook_size=cfg.codebook_size,
-                            top_k=cfg.top_k, fanout=cfg.fanout, capacity=capacity, weights=weights,
-                            device=device, generator=generator)
+                            top_k=cfg.top_k, fanout=cfg.fanout, capacity=capacity, routing=cfg.routing,
+                            balance_weight=cfg.balance_weight, weights=weights, device=device, generator=generator)
 
     def forward(self, x: torch.Tensor, code_ids: torch.Tensor | None, vq: TernaryVQCodebook,
                 cache: KVCache | None = None, step: DecodeStep | None = None):
@@ -68,7 +68,8 @@ class Block(nn.Module):
             q = vq(self.vq_proj(h))
             code_ids, aux = q.ids, q.commitment_loss
         x = x + self.moe(h, code_ids)
-        return x, code_ids, aux
+        balance = self.moe.take_balance_loss()  # the topk routers' load-balancing loss (ablation)
+        return x, code_ids, aux if balance is None else aux + balance
 
 
 class CompositeHead(nn.Module):

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..config import ModelConfig, get_preset
 from ..graph.moegraph import MoEGraph
-from ..graph.routing import INACTIVE_SRC
+from ..graph.routing import INACTIVE_SRC, code_expert_mutual_information
 from ..models.model import build_model
 from ..precision import DTYPE_CHOICES, resolve_dtype
 from ..ternary.optimizer import TernaryOptimizer, UpdateRule
@@ -49,6 +49,8 @@ MAX_PACKED_BYTE = 242  # 3**5 - 1: five trits per byte, base 3
 # computes (dtype: a checkpoint holds no float activations and loads at either precision;
 # data: the corpus is compared by its content fingerprint instead, so a moved corpus resumes).
 RESUMABLE_FIELDS = frozenset({"steps", "device", "dtype", "out", "threads", "data", "cuda_graph"})
+# What a checkpoint made before a TrainConfig field existed ran with (not the field's default now).
+FIELDS_BEFORE_THEY_EXISTED = {"threshold_ramp_from": 0.0, "routing": "graph"}
 
 
 @dataclass
@@ -65,6 +67,7 @@ class TrainConfig:
     threshold: int = 24  # θ at step 0: |T_accum| that makes a trit step
     threshold_final: int | None = 64  # θ at the end of the ramp (None: constant θ)
     threshold_ramp_from: float = 0.5  # fraction of the run after which θ starts its ramp (0: the whole run)
+    routing: str = "graph"  # MoEGraph's router: one of config.ROUTINGS (the others are ablation baselines)
     scale_threshold: int = 64  # |E_accum| that makes a row scale step (0 freezes scales)
     decay_shift: int | None = 4  # accumulators shrink by |acc| >> decay_shift each update
     vote_magnitude: int = 4  # votes cast per backward pass, ±vote_magnitude
@@ -117,7 +120,7 @@ class TrainConfig:
         """The preset with ``model_overrides``; ``seq_len`` must fit its ``max_seq_len`` (the
         rotary table's length): a longer one is refused rather than silently growing the model,
         which also bounds ``seq_len`` (100,000 would build a huge table and stall)."""
-        cfg = get_preset(self.preset)
+        cfg = get_preset(self.preset).replace(routing=self.routing)
         cfg = cfg.replace(**self.model_overrides) if self.model_overrides else cfg
         if self.seq_len > cfg.max_seq_len:
             raise ValueError(f"seq_len {self.seq_len} exceeds max_seq_len {cfg.max_seq_len} of preset "
@@ -200,17 +203,31 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> TernaryOptimize
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val: ByteDataset, cfg: TrainConfig) -> float:
-    """Mean validation cross-entropy in nats per byte over ``eval_windows`` windows."""
+def evaluate(model: torch.nn.Module, val: ByteDataset, cfg: TrainConfig, routing: dict | None = None) -> float:
+    """Mean validation cross-entropy in nats per byte over ``eval_windows`` windows.
+
+    ``routing``: a dict to fill with each MoE layer's routing over the same windows (code ->
+    expert mutual information in bits, largest and smallest expert share of the routed pairs).
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     max_windows = cfg.eval_windows if cfg.eval_windows > 0 else None
+    layers = model.moe_layers() if routing is not None and hasattr(model, "moe_layers") else []
+    pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layers]
     for x, y in val.validation_batches(cfg.batch_size, cfg.seq_len, max_windows):
         out = model(x.to(cfg.device), y.to(cfg.device))
         total += float(out.lm_loss) * y.numel()
         count += y.numel()
+        for seen, moe in zip(pairs, layers):
+            seen.append((moe.last_routing.code, moe.last_routing.expert))
     model.train(was_training)
+    for i, (seen, moe) in enumerate(zip(pairs, layers)):
+        code, expert = torch.cat([c for c, _ in seen]), torch.cat([e for _, e in seen])
+        load = torch.bincount(expert, minlength=moe.num_experts).double()
+        routing[f"layer{i}"] = {"code_expert_mi_bits": code_expert_mutual_information(code, expert, moe.num_experts),
+                                "load_max_share": float(load.max() / load.sum()),
+                                "load_min_share": float(load.min() / load.sum())}
     return total / max(1, count)
 
 
@@ -302,7 +319,7 @@ def load_model_from_checkpoint(path: str | pathlib.Path, device: str = "cpu", dt
     (``ternary_graph.precision``). The returned config carries the resolved device and dtype."""
     tensors, meta = load_checkpoint(path)
     device = resolve_device(device)
-    cfg = dataclasses.replace(TrainConfig(**meta["train_config"]), device=device, dtype=dtype)
+    cfg = dataclasses.replace(saved_train_config(meta), device=device, dtype=dtype)
     model = build_model(ModelConfig(**meta["model_config"]), weights=cfg.weights, device=device, seed=cfg.seed,
                         compute_dtype=resolve_dtype(dtype, device))
     state = _model_state(tensors)
@@ -424,6 +441,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, vote
         return _train_locked(cfg, run_dir, resume=resume, progress=progress, vote_sync=vote_sync)
 
 
+def saved_train_config(meta: dict) -> TrainConfig:
+    """The TrainConfig a checkpoint's metadata records; fields it predates take the value they
+    had then (FIELDS_BEFORE_THEY_EXISTED), so an older run resumes with its own rule."""
+    return TrainConfig(**{**FIELDS_BEFORE_THEY_EXISTED, **meta["train_config"]})
+
+
 def config_differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
     """``"name (saved X, now Y)"`` for every field outside RESUMABLE_FIELDS where the configs differ."""
     return [f"{f.name} (saved {getattr(saved, f.name)!r}, now {getattr(cfg, f.name)!r})"
@@ -487,7 +510,7 @@ def _train_locked(cfg: TrainConfig, run_dir: pathlib.Path, *, resume: bool, prog
         if ckpt is None:
             raise ValueError(f"--resume: no complete checkpoint in {run_dir}")
         tensors, meta = load_checkpoint(ckpt)
-        start = _resume_checks(cfg, TrainConfig(**meta["train_config"]), meta, corpus, ckpt)
+        start = _resume_checks(cfg, saved_train_config(meta), meta, corpus, ckpt)
         state = _model_state(tensors)
         check_checkpoint_values(model, state, meta, str(ckpt))
         load_state_dict_strict(model, state)
@@ -558,9 +581,11 @@ def _train_locked(cfg: TrainConfig, run_dir: pathlib.Path, *, resume: bool, prog
                 if kg_term is not None:
                     record["kg_loss"] = kg_loss
             if evaluating:
-                val_nats = evaluate(model, val_ds, cfg)
+                val_routing: dict = {}
+                val_nats = evaluate(model, val_ds, cfg, routing=val_routing)
                 record = record or {"step": step, "train_loss": loss_value}
-                record.update({"val_loss": val_nats, "val_bits_per_byte": val_nats * NATS_TO_BITS})
+                record.update({"val_loss": val_nats, "val_bits_per_byte": val_nats * NATS_TO_BITS,
+                               "val_routing": val_routing})
                 if opt.states:
                     record["rule"] = opt.diagnostics()
             if record is not None and lead:

@@ -1,0 +1,37 @@
+"""Routing ablation (issue 14): the same model, tokens and seeds with each MoEGraph router.
+
+    (a) graph       MoEGraph as it is: learned code -> expert edges plus centroid scores
+    (b) frozen      centroids only: the same candidates with every edge frozen neutral
+    (c) topk        a plain top-k softmax router over the ternary centroids, Switch balance loss
+        topk-float  the same router with a float weight (a model with float parameters: eager)
+    (d) hash        experts fixed by a hash of the code id, gates from the centroid scores
+
+Every run trains the ternary small preset with the default update rule; the report gives val
+bits/byte (mean ± std over seeds), the code -> expert mutual information and the largest and
+smallest expert share on the validation windows, and the shared VQ's live-code fraction.
+
+    PYTHONPATH=. python3 experiments/routing_ablation.py run --root /tmp/routing --preset small \\
+        --steps 3052 --batch-size 32 --seq-len 512 --eval-every 200 --variants graph,frozen,topk,hash
+    PYTHONPATH=. python3 experiments/routing_ablation.py report --root /tmp/routing --out docs/measurements
+
+A resumed or extended ablation keeps its runs: a run folder made with another router is refused
+by ``ternary-graph train --resume`` (its config names the ``routing`` field).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from rule_study import ROUTING_COLUMNS, run_cli
+
+ROUTING_VARIANTS: dict[str, list[str]] = {
+    "graph": ["--routing", "graph"],
+    "frozen": ["--routing", "frozen"],
+    "topk": ["--routing", "topk"],
+    "topk-float": ["--routing", "topk-float", "--eager"],
+    "hash": ["--routing", "hash"],
+}
+
+if __name__ == "__main__":
+    sys.exit(run_cli(table=ROUTING_VARIANTS, doc=__doc__, prog="routing_ablation", baseline="frozen",
+                     columns=ROUTING_COLUMNS))
