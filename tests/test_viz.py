@@ -281,7 +281,7 @@ def test_routing_stats_from_model_and_metrics(run_dir, tmp_path):
     live = int((usage > 0).sum())
     assert f"Shared VQ code usage (int16): live fraction {live / 256:.2%} ({live:,} of 256 codes)" in texts
     assert "Expert load: routed pairs of the last batch" in texts
-    assert "layer0 active edges" in texts and "layer1 routed via edge" in texts
+    assert "layer0 active edges" in texts and "layer1 routed via edge" in texts and "shared-VQ live codes" in texts
     for i, moe in enumerate(model.moe_layers()):
         attr = moe.active_edges()[2]
         assert (f"layer {i}: {moe.num_active_edges:,} edges; sign +1: {int((attr > 0).sum()):,}, "

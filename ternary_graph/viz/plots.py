@@ -581,16 +581,20 @@ def _panel_scores(ax, layers: list[MoEGraph]) -> None:
 
 
 def _panel_active_edges(ax, records: list[dict] | None) -> None:
-    ax.set_title("Active edges over training", fontsize=10)
+    ax.set_title("Active edges, routing via edges and live VQ codes over training", fontsize=10)
     if records is None:
         _note(ax, "no metrics.jsonl given")
         return
     series: dict[str, list[tuple[int, float]]] = {}
     via: dict[str, list[tuple[int, float]]] = {}
+    live: list[tuple[int, float]] = []
     for r in records:
         routing = r.get("routing")
         if not isinstance(routing, dict):
             continue
+        vq = routing.get("shared_vq")
+        if isinstance(vq, dict) and "live_fraction" in vq:
+            live.append((r["step"], vq["live_fraction"]))
         for key, layer in routing.items():
             if key.startswith("layer") and isinstance(layer, dict):
                 if "active_edges" in layer:
@@ -610,13 +614,16 @@ def _panel_active_edges(ax, records: list[dict] | None) -> None:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    if via:
+    if via or live:
         twin = ax.twinx()
         for i, key in enumerate(order):
             if key in via:
                 s, v = zip(*via[key])
                 twin.plot(s, v, color=palette(i % 10), lw=1.0, ls="--", label=f"{key} routed via edge")
-        twin.set_ylabel("fraction of routed pairs via an edge (dashed)")
+        if live:
+            s, v = zip(*live)
+            twin.plot(s, v, color="black", lw=1.4, ls=":", label="shared-VQ live codes")
+        twin.set_ylabel("fraction: pairs routed via an edge (dashed), live VQ codes (dotted)")
         twin.set_ylim(0, 1)
         h2, l2 = twin.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
