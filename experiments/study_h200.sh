@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The GPU studies of issues 13 and 14 in a few device calls on one held machine. The runs go on
+# in the background between calls (setsid) and live under $STUDY, outside the synced working
+# tree; every call ends with the current reports and log tarballs under $OUT.
+#   bash experiments/study_h200.sh rule       # issue 13: smoke checks; small float x3 (+ lr 1e-3, old) and the
+#                                             # tiny rule sweep (seed 0) at once; then the sweep's best rule on
+#                                             # small x3 and tiny best/old/float x3
+#   bash experiments/study_h200.sh routing    # issue 14: smoke (each router, captured); small ablation,
+#                                             # graph/frozen/topk/hash x 3 seeds at once
+#   bash experiments/study_h200.sh wait       # wait (up to WAIT_S), then report
+# One call runs at most 10 minutes: call `wait` again within 30 s of the last return, or the
+# machine (and the runs) go back. On 2026-12-01 ~20 runs at once kept the H200 at 100%.
+set -uo pipefail
+OUT="${OUT:-study_logs}"
+STUDY="${STUDY:-/tmp/study}"
+WAIT_S="${WAIT_S:-540}"
+mkdir -p "$OUT" "$STUDY"
+export PYTHONPATH=.
+export PYTHONUNBUFFERED=1
+export OMP_NUM_THREADS=2
+TINY=(--root "$STUDY/tiny" --preset tiny --steps 1221 --batch-size 64 --seq-len 256 --eval-every 100 --eval-windows 512)
+SMALL=(--root "$STUDY/small" --preset small --steps 3052 --batch-size 32 --seq-len 512 --eval-every 200 --eval-windows 512)
+ROUTING=(--root "$STUDY/routing" --preset small --steps 3052 --batch-size 32 --seq-len 512 --eval-every 200 --eval-windows 512)
+SWEEP=old,ramp24-64,ramp16-64,ramp32-64,const32,cool24-64,cool16-64,ema5,ema3,scale32,scale127,scale0,float,float-lr1e-3,float-lr4e-3
+
+report() {
+    [ -d "$STUDY/tiny" ] && python3 experiments/rule_study.py report --root "$STUDY/tiny" --steps 1221 \
+        --out "$OUT" --name rule_study_tiny_h200 2>&1
+    [ -d "$STUDY/small" ] && python3 experiments/rule_study.py report --root "$STUDY/small" --steps 3052 \
+        --out "$OUT" --name rule_study_small_h200 2>&1
+    [ -d "$STUDY/routing" ] && python3 experiments/routing_ablation.py report --root "$STUDY/routing" --steps 3052 \
+        --out "$OUT" --name routing_ablation_small_h200 2>&1
+    cat "$STUDY"/launch_*.log > "$OUT/study_launch_h200.log" 2>/dev/null
+}
+
+wait_all() {  # until no launcher runs, or WAIT_S
+    local t=0
+    while pgrep -f "(rule_study|routing_ablation).py run" > /dev/null && [ "$t" -lt "$WAIT_S" ]; do
+        sleep 10; t=$((t + 10))
+    done
+    echo "waited ${t} s; launchers still running: $(pgrep -fc '(rule_study|routing_ablation).py run')"
+}
+
+launch() {  # name, script, then its run arguments
+    local name="$1" script="$2"; shift 2
+    setsid nohup python3 "experiments/$script" "$@" >> "$STUDY/launch_$name.log" 2>&1 < /dev/null &
+}
+
+device_info() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+    date -u | tee -a "$OUT/device.txt"
+}
+
+smoke() {  # name, then extra train flags: 30 captured tiny steps with evaluations, or stop the script
+    local name="$1"; shift
+    timeout 240 python3 -m ternary_graph.cli train --preset tiny --steps 30 --batch-size 64 --seq-len 256 \
+        --eval-every 10 --eval-windows 32 --cuda-graph --no-progress --out "$STUDY/smoke-$name" "$@" \
+        > "$STUDY/smoke-$name.log" 2>&1
+    local rc=$?
+    grep -E "validation loss|error" "$STUDY/smoke-$name.log" | sed "s/^/[smoke $name] /"
+    if [ $rc -ne 0 ]; then tail -20 "$STUDY/smoke-$name.log"; echo "smoke $name failed ($rc): not launching"; exit 1; fi
+}
+
+case "${1:-wait}" in
+    rule)
+        device_info
+        timeout 240 python3 -m pytest tests/test_cuda_training.py -m cuda -k "captured or synchronise" -q \
+            -p no:cacheprovider 2>&1 | tail -4
+        smoke rule
+        launch small rule_study.py run "${SMALL[@]}" --variants float --seeds 0,1,2 --parallel 3
+        launch small_check rule_study.py run "${SMALL[@]}" --variants float-lr1e-3,old --seeds 0 --parallel 2
+        launch tiny rule_study.py run "${TINY[@]}" --variants "$SWEEP" --seeds 0 --parallel 8
+        sleep 30
+        while pgrep -f "root $STUDY/tiny" > /dev/null && [ "$SECONDS" -lt "$WAIT_S" ]; do sleep 5; done
+        best=$(python3 experiments/rule_study.py best --root "$STUDY/tiny" --steps 1221)
+        echo "tiny sweep done after $SECONDS s; best rule: $best" | tee "$OUT/best.txt"
+        python3 experiments/rule_study.py report --root "$STUDY/tiny" --steps 1221
+        launch small_best rule_study.py run "${SMALL[@]}" --variants "$best" --seeds 0,1,2 --parallel 3
+        launch tiny_final rule_study.py run "${TINY[@]}" --variants "$best,old,float" --seeds 1,2 --parallel 6
+        WAIT_S=$((WAIT_S - SECONDS)) wait_all
+        ;;
+    routing)
+        device_info
+        timeout 300 python3 -m pytest tests/test_cuda_training.py -m cuda -k "captured" -q -p no:cacheprovider 2>&1 | tail -4
+        for routing in graph frozen topk hash; do smoke "$routing" --routing "$routing"; done
+        launch routing routing_ablation.py run "${ROUTING[@]}" --variants graph,frozen,topk,hash --seeds 0,1,2 \
+            --parallel 12
+        WAIT_S=$((WAIT_S - SECONDS)) wait_all
+        ;;
+    wait)
+        wait_all
+        ;;
+    *)
+        echo "usage: bash experiments/study_h200.sh rule|routing|wait" >&2; exit 2
+        ;;
+esac
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+report
