@@ -37,6 +37,7 @@ class ModelConfig:
     rope_base: float = 10_000.0  # rotary frequency base
     routing: str = "graph"  # how MoEGraph picks experts: one of ROUTINGS (the others are ablation baselines)
     balance_weight: float = 0.01  # weight of the Switch load-balancing loss of the topk routers
+    vq_input_norm: bool = True  # the shared VQ searches unit-norm inputs (False: raw projections, which collapse)
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "num_experts", "expert_hidden",
@@ -85,6 +86,15 @@ PRESETS: dict[str, ModelConfig] = {
                               expert_hidden=1120, fanout=4, edge_capacity=1 << 20, codebook_size=SHARED_VQ_SIZE,
                               kg_codebook_size=KGVQ_CODEBOOK_SIZE, quantize_every=16, num_relations=16),
 }
+
+
+# What a checkpoint made before a ModelConfig field existed was built with (not today's default).
+MODEL_FIELDS_BEFORE_THEY_EXISTED = {"routing": "graph", "balance_weight": 0.01, "vq_input_norm": False}
+
+
+def saved_model_config(fields: dict) -> ModelConfig:
+    """The ModelConfig a checkpoint records, fields it predates filled as they were then."""
+    return ModelConfig(**{**MODEL_FIELDS_BEFORE_THEY_EXISTED, **fields})
 
 
 def get_preset(name: str) -> ModelConfig:

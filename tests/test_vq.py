@@ -320,3 +320,33 @@ def test_quality_on_stdlib_features_with_and_without_reseeding():
     assert stats_on.reseeded_total > 0 and stats_off.reseeded_total == 0
     assert end_on < end_off
     assert stats_on.perplexity > 2 * stats_off.perplexity
+
+
+def test_input_norm_keeps_a_shrunken_input_from_collapsing_onto_the_smallest_code():
+    """Raw search: inputs scaled down by 1e-3 are nearest to the smallest codes, whatever their
+    direction (the collapse seen in training). Unit-norm search: the direction decides."""
+    raw, unit = _vq(num_codes=32, dim=16, seed=4), _vq(num_codes=32, dim=16, seed=4, input_norm=1.0)
+    codes = _code_vectors(raw)
+    picked = torch.tensor([3, 7, 11, 19, 23, 29])
+    z = codes[picked] / codes[picked].norm(dim=1, keepdim=True) * 1e-3
+    raw.eval()
+    unit.eval()
+    norms = codes.norm(dim=1)
+    assert torch.allclose(norms[raw(z).ids], norms.min().expand(len(picked)))  # only the smallest codes win
+    assert not torch.allclose(norms[picked], norms.min().expand(len(picked)))
+    assert torch.equal(unit(z).ids, unit(z * 1e6).ids)  # the scale of the input no longer matters
+    assert (unit(z).ids == picked).float().mean() >= 0.8  # ternary codes: a direction may tie nearby
+    with pytest.raises(ValueError, match="input_norm must be None or a positive finite number, got 0"):
+        _vq(input_norm=0)
+
+
+def test_live_codes_of_a_crafted_batch():
+    """A training batch that hits exactly five codes leaves exactly five live codes."""
+    vq = _vq(num_codes=32, dim=16, seed=5, input_norm=1.0)
+    codes = _code_vectors(vq)
+    hit = torch.tensor([0, 5, 6, 17, 30])
+    z = (codes[hit] / codes[hit].norm(dim=1, keepdim=True)).repeat(3, 1)
+    vq.train()
+    ids = vq(z).ids
+    assert set(ids.tolist()) == set(hit.tolist())
+    assert vq.stats().live_fraction == pytest.approx(5 / 32)

@@ -124,6 +124,9 @@ class TernaryVQCodebook(nn.Module):
         init_scale, zero_fraction: initial code scale and trit sparsity (see TernaryState).
         precision: query rounding of the search, ``"bf16x2"`` (16 significant bits) or
             ``"bf16"`` (see ``kernels/vq_search.py``).
+        input_norm: rescale every input row to this L2 norm before the search (None: search the
+            raw rows). Without it a shrinking input makes the smallest codes the nearest to
+            everything: the codebook collapses onto a handful of codes (docs/results.md).
         device: ``"meta"`` allocates nothing.
         generator: RNG of the initial codes.
 
@@ -144,9 +147,12 @@ class TernaryVQCodebook(nn.Module):
     def __init__(self, num_codes: int, dim: int, *, commitment_weight: float = 0.25,
                  reseed_window: int = 100, usage_decay_interval: int = 100,
                  init_scale: float | None = None, zero_fraction: float | None = None,
-                 precision: str = "bf16x2", device: torch.device | str | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 precision: str = "bf16x2", input_norm: float | None = None,
+                 device: torch.device | str | None = None, generator: torch.Generator | None = None) -> None:
         super().__init__()
+        if input_norm is not None and not (isinstance(input_norm, (int, float)) and math.isfinite(input_norm)
+                                           and input_norm > 0):
+            raise ValueError(f"input_norm must be None or a positive finite number, got {input_norm!r}")
         for name, value in (("num_codes", num_codes), ("dim", dim)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -162,6 +168,7 @@ class TernaryVQCodebook(nn.Module):
         self.reseed_window = reseed_window
         self.usage_decay_interval = usage_decay_interval
         self.precision = precision
+        self.input_norm = None if input_norm is None else float(input_norm)
         self.codes = TernaryEmbeddingTable(num_codes, dim, zero_fraction=zero_fraction, init_scale=init_scale,
                                            device=device, generator=generator)
         self.register_buffer("usage", torch.zeros(num_codes, dtype=torch.int16, device=device))
@@ -195,6 +202,9 @@ class TernaryVQCodebook(nn.Module):
         self._check_z(z)
         w = self.codes.weight
         z2d = z.reshape(-1, self.dim)
+        if self.input_norm is not None:
+            norms = z2d.float().norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            z2d = z2d * (self.input_norm / norms).to(z2d.dtype)
         ids, dist = nearest_codes(z2d, w.packed, w.E, self.dim, precision=self.precision)
         q = self.codes(ids, dtype=z.dtype)  # votes flow back into these rows only
         if z2d.shape[0] == 0:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from ..config import ModelConfig, get_preset
+from ..config import ModelConfig, get_preset, saved_model_config
 from ..graph.moegraph import MoEGraph
 from ..graph.routing import INACTIVE_SRC, code_expert_mutual_information
 from ..models.model import build_model
@@ -320,7 +320,7 @@ def load_model_from_checkpoint(path: str | pathlib.Path, device: str = "cpu", dt
     tensors, meta = load_checkpoint(path)
     device = resolve_device(device)
     cfg = dataclasses.replace(saved_train_config(meta), device=device, dtype=dtype)
-    model = build_model(ModelConfig(**meta["model_config"]), weights=cfg.weights, device=device, seed=cfg.seed,
+    model = build_model(saved_model_config(meta["model_config"]), weights=cfg.weights, device=device, seed=cfg.seed,
                         compute_dtype=resolve_dtype(dtype, device))
     state = _model_state(tensors)
     check_checkpoint_values(model, state, meta, str(path))
@@ -457,6 +457,9 @@ def config_differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
 def _resume_checks(cfg: TrainConfig, saved: TrainConfig, meta: dict, corpus: dict, ckpt: pathlib.Path) -> int:
     """The step a resume starts from, after refusing a checkpoint it must not continue."""
     differ = config_differences(saved, cfg)
+    if "model_config" in meta:  # the model the run builds now (preset defaults may have moved since)
+        saved_model, model = dataclasses.asdict(saved_model_config(meta["model_config"])), dataclasses.asdict(cfg.model_config())
+        differ += [f"model {k} (saved {saved_model[k]!r}, now {model[k]!r})" for k in model if saved_model[k] != model[k]]
     if differ:
         raise ValueError(f"--resume: {ckpt} was made with a different config: {'; '.join(differ)}")
     mismatch = corpus_mismatch(meta, corpus)
