@@ -18,6 +18,30 @@ def _none_or_int(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
 
+def parse_model_overrides(items: list[str]) -> dict:
+    """``["vq_input_norm=false", "num_experts=8"]`` -> ModelConfig field values of the field's type."""
+    from .config import ModelConfig
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in defaults:
+            raise ValueError(f"--model takes FIELD=VALUE with FIELD one of {', '.join(defaults)}, got {item!r}")
+        if name == "routing":
+            raise ValueError("--model routing=...: choose the router with --routing (the run config records it)")
+        kind = type(defaults[name])
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--model {name} takes true or false, got {text!r}")
+            out[name] = text.lower() in ("true", "1")
+        else:
+            try:
+                out[name] = kind(text)
+            except ValueError:
+                raise ValueError(f"--model {name} takes {kind.__name__} values, got {text!r}") from None
+    return out
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from .train.loop import TrainConfig
     d = TrainConfig()
@@ -41,6 +65,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="MoEGraph router: graph (learned edges + centroids), or an ablation baseline: frozen "
                         "(edges frozen neutral), topk / topk-float (softmax router + load-balancing loss), "
                         "hash (experts by code id)")
+    p.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change one field of the preset's ModelConfig (repeatable), e.g. vq_input_norm=false")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="validation windows per pass (0: all)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -102,7 +128,7 @@ def _train(args: argparse.Namespace) -> int:
                       device=resolve_device(args.device), dtype=args.dtype,
                       seed=args.seed, data=args.data, out=out, threads=args.threads, task=args.task,
                       kg_weight=args.kg_weight, cuda_graph=args.cuda_graph)
-    cfg = dataclasses.replace(cfg, micro_batches=args.micro_batches)
+    cfg = dataclasses.replace(cfg, micro_batches=args.micro_batches, model_overrides=parse_model_overrides(args.model))
     if args.distributed:
         from .train.distributed import DistributedError, init_distributed, shutdown
         try:

@@ -427,3 +427,14 @@ def test_a_checkpoint_older_than_the_cool_down_resumes_with_its_own_rule():
     saved = saved_train_config(old_meta)
     assert saved.threshold_ramp_from == 0.0 and saved.routing == "graph"
     assert "threshold_ramp_from (saved 0.0, now 0.5)" in "; ".join(config_differences(saved, TrainConfig()))
+
+
+@pytest.mark.parametrize("item, message", [
+    ("nosuch=1", "--model takes FIELD=VALUE with FIELD one of vocab_size,"),
+    ("vq_input_norm=maybe", "--model vq_input_norm takes true or false, got 'maybe'"),
+    ("num_experts=four", "--model num_experts takes int values, got 'four'"),
+    ("routing=topk", "choose the router with --routing"),
+])
+def test_bad_model_override_is_one_line(capsys, item, message):
+    code, _, err = run_main(capsys, "train", "--model", item, "--out", "unused")
+    assert code == 2 and message in err

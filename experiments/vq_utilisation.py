@@ -1,0 +1,67 @@
+"""How many shared-VQ codes a trained model really uses, and why (issue 14).
+
+Runs a checkpoint over validation windows in eval mode (no re-seeding, no usage updates) and
+reports the codes the first quantising block's inputs reach, against the codebook's size and
+the tokens seen, with the two quantities that decide the nearest-code search: the input norm
+against the code norms, and the effective rank of the inputs.
+
+    PYTHONPATH=. python3 experiments/vq_utilisation.py --checkpoint runs/tiny-ternary [--windows 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ternary_graph.train.loop import load_model_from_checkpoint, prepare_data
+
+
+@torch.no_grad()
+def vq_utilisation(checkpoint: str, windows: int, device: str = "cpu") -> dict:
+    model, cfg, _, _ = load_model_from_checkpoint(checkpoint, device=device)
+    model.eval()
+    _, val, _ = prepare_data(cfg)
+    vq = model.shared_vq
+    block = next(b for b in model.blocks if b.vq_proj is not None)
+    inputs: list[torch.Tensor] = []
+    hook = block.vq_proj.register_forward_hook(lambda m, i, out: inputs.append(out.float().reshape(-1, vq.dim)))
+    ids: list[torch.Tensor] = []
+    for x, y in val.validation_batches(cfg.batch_size, cfg.seq_len, windows):
+        model(x.to(cfg.device), y.to(cfg.device))
+        z = inputs[-1]
+        ids.append(vq(z).ids.reshape(-1))  # the same call the block made (eval: nothing changes)
+    hook.remove()
+    z, ids = torch.cat(inputs), torch.cat(ids)
+    code_norm = vq.codes.weight.dequantize().norm(dim=1)
+    spectrum = torch.linalg.svdvals(z - z.mean(dim=0)) ** 2
+    p = spectrum / spectrum.sum()
+    used = torch.unique(ids).numel()
+    return {
+        "tokens": z.shape[0], "codes": vq.num_codes, "codes_used": used,
+        "used_of_bound": used / min(z.shape[0], vq.num_codes),
+        "input_norm_setting": vq.input_norm,
+        "projection_norm_mean": float(z.norm(dim=1).mean()),
+        "code_norm_p1_p50_p99": [float(v) for v in code_norm.quantile(torch.tensor([0.01, 0.5, 0.99]))],
+        "norm_of_the_used_codes": float(code_norm[ids].mean()),
+        "input_effective_rank": float(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())),
+        "input_dim": vq.dim,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    p.add_argument("--windows", type=int, default=512, help="validation windows (default %(default)s)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if args.windows < 1:
+        p.error(f"--windows must be >= 1, got {args.windows}")
+    for key, value in vq_utilisation(args.checkpoint, args.windows, args.device).items():
+        print(f"{key:24s} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
