@@ -48,6 +48,12 @@ VARIANTS: dict[str, list[str]] = {
     "const32": _rule(32, None),
     "cool24-64": _rule(24, 64, ramp_from=0.5),
     "cool16-64": _rule(16, 64, ramp_from=0.5),
+    # small-preset candidates (2026-12-01: small learned fastest once θ rose past 24): a higher
+    # start, and decay 5, whose ceiling of 128 leaves room for θ above 64
+    "cool40-64": _rule(40, 64, ramp_from=0.5),
+    "d5-cool32-96": _rule(32, 96, ramp_from=0.5, decay=5),
+    "d5-cool48-112": _rule(48, 112, ramp_from=0.5, decay=5),
+    "d5-ramp32-96": _rule(32, 96, decay=5),
     # accumulator time scale: same ceiling 64, votes ±2 with decay 5 (slower EMA) or ±8 with decay 3
     "ema5": _rule(24, 48, votes=2, decay=5),
     "ema3": _rule(24, 48, votes=8, decay=3),
