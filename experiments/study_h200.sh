@@ -6,7 +6,8 @@
 #                                             # tiny rule sweep (seed 0) at once; then the sweep's best rule on
 #                                             # small x3 and tiny best/old/float x3
 #   bash experiments/study_h200.sh rule-small # issue 13 on the small preset itself: old and four
-#                                             # higher-θ rules (seed 0) at once, then the best x seeds 1, 2
+#                                             # higher-θ rules (seed 0) at once; `wait` until they end, then
+#   bash experiments/study_h200.sh rule-small-best   # the best of them x seeds 1, 2
 #   bash experiments/study_h200.sh routing    # issue 14: smoke (each router, captured); small ablation,
 #                                             # graph/frozen/topk/hash x 3 seeds at once
 #   bash experiments/study_h200.sh wait       # wait (up to WAIT_S), then report
@@ -87,11 +88,13 @@ case "${1:-wait}" in
         smoke rule
         launch small_sweep rule_study.py run "${SMALL[@]}" --variants old,cool40-64,d5-cool32-96,d5-cool48-112,d5-ramp32-96 \
             --seeds 0 --parallel 5
-        sleep 30
-        while pgrep -f "variants old,cool40-64" > /dev/null && [ "$SECONDS" -lt "$WAIT_S" ]; do sleep 5; done
-        best=$(python3 experiments/rule_study.py best --root "$STUDY/small" --steps 3052)
-        echo "small sweep done after $SECONDS s; best rule: $best" | tee "$OUT/best.txt"
+        WAIT_S=$((WAIT_S - SECONDS)) wait_all
+        ;;
+    rule-small-best)  # after rule-small's runs have finished
+        best=$(python3 experiments/rule_study.py best --root "$STUDY/small" --steps 3052) || exit 1
+        echo "best small rule: $best" | tee "$OUT/best.txt"
         launch small_best rule_study.py run "${SMALL[@]}" --variants "$best" --seeds 1,2 --parallel 2
+        sleep 30
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
     routing)
@@ -106,7 +109,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|routing|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
