@@ -174,7 +174,8 @@ class MoEGraph(nn.Module):
     def __init__(self, dim: int, num_experts: int, expert_hidden: int, *, codebook_size: int, top_k: int = 2,
                  fanout: int = 4, capacity: int | None = None, mode: str = "auto", dense_limit: int = 1_000_000,
                  centroid_candidates: int | None = None, rule: GraphRule | None = None,
-                 routing: str = "graph", balance_weight: float = 0.01, weights: str = "ternary", zero_fraction: float | None = None, device: torch.device | str | None = None,
+                 routing: str = "graph", balance_weight: float = 0.01, weights: str = "ternary",
+                 zero_fraction: float | None = None, device: torch.device | str | None = None,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         _check_pos_int("dim", dim)
