@@ -1,9 +1,10 @@
-"""The default update rule learns better than the rule it replaced, on a task no one tuned either for.
+"""The cool-down θ schedule against the default ramp, on a task no one tuned either for.
 
 A three-layer ternary student fits a fixed random ternary teacher (MSE), 600 steps, three seeds,
-one CPU thread. The old rule is the default before issue 13's study (θ 24 -> 48 over the whole
-run); the default now holds θ at 24 for half the run and then cools down to 64 (see
-docs/results.md, "The update rule").
+one CPU thread. The default rule ramps θ 24 -> 48 over the whole run; the cool-down holds θ at
+24 for half the run, then ramps it to 64. Here the cool-down wins, as on the tiny preset at 20M
+tokens on the H200; on the CPU main job (3M tokens) it lost on both seeds tried, so it is not
+the default (docs/results.md, "The update rule").
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from ternary_graph.ternary.optimizer import TernaryOptimizer, UpdateRule
 from ternary_graph.train.loop import TrainConfig
 
 STEPS = 600
-OLD_RULE = UpdateRule(threshold=24, threshold_final=48, threshold_ramp_steps=STEPS, scale_threshold=64,
-                      decay_shift=4, vote_magnitude=4)
+COOL_DOWN = TrainConfig(steps=STEPS, threshold_final=64, threshold_ramp_from=0.5).update_rule()
 
 
 def _fit_teacher(rule: UpdateRule, seed: int) -> float:
@@ -41,10 +41,11 @@ def _fit_teacher(rule: UpdateRule, seed: int) -> float:
         return nn.functional.mse_loss(student(x_val), y_val).item()
 
 
-def test_default_rule_beats_the_old_rule_on_a_random_teacher(one_torch_thread):
-    new_rule = TrainConfig(steps=STEPS).update_rule()
-    assert new_rule != OLD_RULE, "the default rule is the old one: this test compares nothing"
-    old = [_fit_teacher(OLD_RULE, seed) for seed in range(3)]
-    new = [_fit_teacher(new_rule, seed) for seed in range(3)]
+def test_cool_down_beats_the_default_ramp_on_a_random_teacher(one_torch_thread):
+    default = TrainConfig(steps=STEPS).update_rule()
+    assert default == UpdateRule(threshold=24, threshold_final=48, threshold_ramp_steps=STEPS, scale_threshold=64,
+                                 decay_shift=4, vote_magnitude=4)
+    old = [_fit_teacher(default, seed) for seed in range(3)]
+    new = [_fit_teacher(COOL_DOWN, seed) for seed in range(3)]
     assert statistics.fmean(new) < statistics.fmean(old), (new, old)
     assert sum(n < o for n, o in zip(new, old)) >= 2, (new, old)

@@ -405,7 +405,7 @@ def test_resume_with_another_rule_names_the_field(run_copy, corpus_file):
     res = cli("train", *FAST, *BASE_STEPS, "--steps", "4", "--threshold-ramp-from", "0.25", "--data",
               str(corpus_file), "--out", str(run_copy), "--resume")
     assert res.returncode == 2
-    assert "threshold_ramp_from (saved 0.5, now 0.25)" in one_error_line(res.stderr)
+    assert "threshold_ramp_from (saved 0.0, now 0.25)" in one_error_line(res.stderr)
 
 
 def test_resume_with_another_router_names_the_field(run_copy, corpus_file):
@@ -426,7 +426,9 @@ def test_a_checkpoint_older_than_the_cool_down_resumes_with_its_own_rule():
     old_meta = {"train_config": {"threshold": 24, "threshold_final": 48}}  # written before the field existed
     saved = saved_train_config(old_meta)
     assert saved.threshold_ramp_from == 0.0 and saved.routing == "graph"
-    assert "threshold_ramp_from (saved 0.0, now 0.5)" in "; ".join(config_differences(saved, TrainConfig()))
+    assert not config_differences(saved, TrainConfig())  # the default rule then is the default rule now
+    assert "threshold_ramp_from (saved 0.0, now 0.5)" in "; ".join(
+        config_differences(saved, TrainConfig(threshold_final=48, threshold_ramp_from=0.5)))
 
 
 @pytest.mark.parametrize("item, message", [

@@ -65,8 +65,8 @@ class TrainConfig:
     lr: float = 2e-3  # AdamW learning rate of float parameters (cosine decay, 5% warm-up)
     weight_decay: float = 0.1  # AdamW weight decay of float parameters
     threshold: int = 24  # θ at step 0: |T_accum| that makes a trit step
-    threshold_final: int | None = 64  # θ at the end of the ramp (None: constant θ)
-    threshold_ramp_from: float = 0.5  # fraction of the run after which θ starts its ramp (0: the whole run)
+    threshold_final: int | None = 48  # θ at the end of the ramp (None: constant θ)
+    threshold_ramp_from: float = 0.0  # fraction of the run after which θ starts its ramp (0: the whole run)
     routing: str = "graph"  # MoEGraph's router: one of config.ROUTINGS (the others are ablation baselines)
     scale_threshold: int = 64  # |E_accum| that makes a row scale step (0 freezes scales)
     decay_shift: int | None = 4  # accumulators shrink by |acc| >> decay_shift each update
