@@ -72,12 +72,13 @@ def _run_dir(root: pathlib.Path, variant: str, seed: int) -> pathlib.Path:
     return root / f"{variant}-s{seed}"
 
 
-def _eval_records(run: pathlib.Path) -> list[dict]:
+def _records(run: pathlib.Path) -> list[dict]:
     path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "val_bits_per_byte" in r]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _eval_records(run: pathlib.Path, records: list[dict] | None = None) -> list[dict]:
+    return [r for r in (_records(run) if records is None else records) if "val_bits_per_byte" in r]
 
 
 def _finished(run: pathlib.Path, steps: int) -> bool:
@@ -158,14 +159,14 @@ def summarise(root: pathlib.Path, steps: int | None) -> dict[str, dict]:
     for variant, folders in runs.items():
         finals, bests, regressions, tok_s, health, curves, done = [], [], [], [], [], [], []
         for run in folders:
-            evals = _eval_records(run)
+            records = _records(run)
+            evals = _eval_records(run, records)
             if not evals:
                 continue
             vals = [r["val_bits_per_byte"] for r in evals]
             finals.append(vals[-1])
             bests.append(min(vals))
             regressions.append(vals[-1] / min(vals) - 1.0)
-            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
             speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
             tok_s.append(statistics.median(speeds) if speeds else float("nan"))
             health.append({**evals[-1].get("rule", {}), **_routing_health(evals[-1], records)})

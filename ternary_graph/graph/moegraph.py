@@ -487,34 +487,30 @@ class MoEGraph(nn.Module):
             self.num_active.copy_(res.num_active)
             inserted, evicted = res.inserted, res.evicted
         attr.copy_(edge_attr_from_score(score, rule.attr_threshold))
-        load, self._pending_load = self._pending_load, None
-        if load is None:
-            load = torch.zeros(self.num_experts, dtype=torch.long, device=src.device)
-        load = load.to(src.device)
-        total = load.sum()
-        self.load_bias.copy_(load_bias_update(self.load_bias, load, rule.load_step, rule.load_tolerance))
-        shares = load.double() / total.clamp(min=1)
-        num_active = torch.tensor(self.capacity) if self.mode == "dense" else self.num_active.clone()
-        return GraphUpdateStats(pairs_voted=valid.sum(), edges_up=edges_up, edges_down=edges_down,
-                                inserted=inserted, evicted=evicted, num_active=num_active, tokens=total,
-                                load_max_share=shares.max(), load_min_share=shares.min())
+        return self._apply_load(src.device, nudge_bias=True, pairs_voted=valid.sum(), edges_up=edges_up,
+                                edges_down=edges_down, inserted=inserted, evicted=evicted)
 
     def _update_load_only(self, device: torch.device) -> GraphUpdateStats:
         """update_graph of the ablation routers: edges stay as they are; the load bias moves only
         for ``frozen``, the one whose selection reads it (the others balance by their loss, or not
         at all)."""
         self._votes.clear()
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        return self._apply_load(device, nudge_bias=self.routing == "frozen", pairs_voted=zero, edges_up=zero,
+                                edges_down=zero, inserted=zero, evicted=zero)
+
+    def _apply_load(self, device: torch.device, *, nudge_bias: bool, **edge_stats: torch.Tensor) -> GraphUpdateStats:
+        """Take the load counted since the last update, nudge ``load_bias`` with it (if asked) and
+        return the update's statistics (``edge_stats``: the edge fields of GraphUpdateStats)."""
         load, self._pending_load = self._pending_load, None
         load = torch.zeros(self.num_experts, dtype=torch.long, device=device) if load is None else load.to(device)
         total = load.sum()
-        if self.routing == "frozen":
+        if nudge_bias:
             self.load_bias.copy_(load_bias_update(self.load_bias, load, self.rule.load_step, self.rule.load_tolerance))
         shares = load.double() / total.clamp(min=1)
-        zero = torch.zeros((), dtype=torch.long, device=device)
         num_active = torch.tensor(self.capacity) if self.mode == "dense" else self.num_active.clone()
-        return GraphUpdateStats(pairs_voted=zero, edges_up=zero, edges_down=zero, inserted=zero, evicted=zero,
-                                num_active=num_active, tokens=total, load_max_share=shares.max(),
-                                load_min_share=shares.min())
+        return GraphUpdateStats(num_active=num_active, tokens=total, load_max_share=shares.max(),
+                                load_min_share=shares.min(), **edge_stats)
 
     def clear_pending(self) -> None:
         """Drop votes and load counts not yet applied (e.g. after an evaluation backward)."""
