@@ -66,7 +66,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "(edges frozen neutral), topk / topk-float (softmax router + load-balancing loss), "
                         "hash (experts by code id)")
     p.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
-                   help="change one field of the preset's ModelConfig (repeatable), e.g. vq_input_norm=false")
+                   help="change one field of the preset's ModelConfig (repeatable), e.g. vq_input_norm=true")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="validation windows per pass (0: all)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)

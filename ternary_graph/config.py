@@ -37,7 +37,7 @@ class ModelConfig:
     rope_base: float = 10_000.0  # rotary frequency base
     routing: str = "graph"  # how MoEGraph picks experts: one of ROUTINGS (the others are ablation baselines)
     balance_weight: float = 0.01  # weight of the Switch load-balancing loss of the topk routers
-    vq_input_norm: bool = True  # the shared VQ searches unit-norm inputs (False: raw projections, which collapse)
+    vq_input_norm: bool = False  # the shared VQ searches unit-norm inputs (docs/results.md: 14 codes live instead of 2, not a fix)
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "num_experts", "expert_hidden",
