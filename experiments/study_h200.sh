@@ -8,8 +8,9 @@
 #   bash experiments/study_h200.sh rule-small # issue 13 on the small preset itself: old and four
 #                                             # higher-θ rules (seed 0) at once; `wait` until they end, then
 #   bash experiments/study_h200.sh rule-small-best   # the best of them x seeds 1, 2
-#   bash experiments/study_h200.sh routing    # issue 14: smoke (each router, captured); small ablation,
-#                                             # graph/frozen/topk/hash x 3 seeds at once
+#   bash experiments/study_h200.sh routing    # issue 14: small ablation, graph/frozen/topk/hash seed 0 and
+#                                             # graph seeds 1, 2 at once (6 small runs of 50M tokens fill
+#                                             # one session's device time); the CUDA router-capture tests
 #   bash experiments/study_h200.sh wait       # wait (up to WAIT_S), then report
 # One call runs at most 10 minutes: call `wait` again within 30 s of the last return, or the
 # machine (and the runs) go back. On 2026-12-01 ~20 runs at once kept the H200 at 100%.
@@ -99,10 +100,11 @@ case "${1:-wait}" in
         ;;
     routing)
         device_info
-        timeout 300 python3 -m pytest tests/test_cuda_training.py -m cuda -k "captured" -q -p no:cacheprovider 2>&1 | tail -4
-        for routing in graph frozen topk hash; do smoke "$routing" --routing "$routing"; done
-        launch routing routing_ablation.py run "${ROUTING[@]}" --variants graph,frozen,topk,hash --seeds 0,1,2 \
-            --parallel 12
+        launch routing routing_ablation.py run "${ROUTING[@]}" --variants graph,frozen,topk,hash --seeds 0 --parallel 4
+        launch routing_seeds routing_ablation.py run "${ROUTING[@]}" --variants graph --seeds 1,2 --parallel 2
+        timeout 300 python3 -m pytest tests/test_cuda_training.py -m cuda -k "captured" -q -p no:cacheprovider \
+            > "$OUT/pytest_cuda_routers.log" 2>&1
+        tail -4 "$OUT/pytest_cuda_routers.log"
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
     wait)

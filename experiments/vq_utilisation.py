@@ -1,9 +1,9 @@
 """How many shared-VQ codes a trained model really uses, and why (issue 14).
 
 Runs a checkpoint over validation windows in eval mode (no re-seeding, no usage updates) and
-reports the codes the first quantising block's inputs reach, against the codebook's size and
-the tokens seen, with the two quantities that decide the nearest-code search: the input norm
-against the code norms, and the effective rank of the inputs.
+reports, for each quantising block and for all of them together, the codes its inputs reach
+against the codebook's size and the tokens seen, with the two quantities that decide the
+nearest-code search: the input norm against the code norms, and the effective rank of the inputs.
 
     PYTHONPATH=. python3 experiments/vq_utilisation.py --checkpoint runs/tiny-ternary [--windows 512]
 """
@@ -20,34 +20,40 @@ from ternary_graph.train.loop import load_model_from_checkpoint, prepare_data
 
 @torch.no_grad()
 def vq_utilisation(checkpoint: str, windows: int, device: str = "cpu") -> dict:
+    """One entry per quantising block (its inputs, the codes they reach) and the union of their codes."""
     model, cfg, _, _ = load_model_from_checkpoint(checkpoint, device=device)
     model.eval()
     _, val, _ = prepare_data(cfg)
     vq = model.shared_vq
-    block = next(b for b in model.blocks if b.vq_proj is not None)
-    inputs: list[torch.Tensor] = []
-    hook = block.vq_proj.register_forward_hook(lambda m, i, out: inputs.append(out.float().reshape(-1, vq.dim)))
-    ids: list[torch.Tensor] = []
+    blocks = [b for b in model.blocks if b.vq_proj is not None]
+    inputs: dict[int, list[torch.Tensor]] = {b.layer: [] for b in blocks}
+    hooks = [b.vq_proj.register_forward_hook(lambda m, i, out, layer=b.layer: inputs[layer].append(
+        out.float().reshape(-1, vq.dim))) for b in blocks]
     for x, y in val.validation_batches(cfg.batch_size, cfg.seq_len, windows):
         model(x.to(cfg.device), y.to(cfg.device))
-        z = inputs[-1]
-        ids.append(vq(z).ids.reshape(-1))  # the same call the block made (eval: nothing changes)
-    hook.remove()
-    z, ids = torch.cat(inputs), torch.cat(ids)
+    for hook in hooks:
+        hook.remove()
     code_norm = vq.codes.weight.dequantize().norm(dim=1)
-    spectrum = torch.linalg.svdvals(z - z.mean(dim=0)) ** 2
-    p = spectrum / spectrum.sum()
-    used = torch.unique(ids).numel()
-    return {
-        "tokens": z.shape[0], "codes": vq.num_codes, "codes_used": used,
-        "used_of_bound": used / min(z.shape[0], vq.num_codes),
-        "input_norm_setting": vq.input_norm,
-        "projection_norm_mean": float(z.norm(dim=1).mean()),
-        "code_norm_p1_p50_p99": [float(v) for v in code_norm.quantile(torch.tensor([0.01, 0.5, 0.99]))],
-        "norm_of_the_used_codes": float(code_norm[ids].mean()),
-        "input_effective_rank": float(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())),
-        "input_dim": vq.dim,
-    }
+    report: dict = {"codes": vq.num_codes, "input_norm_setting": vq.input_norm,
+                    "code_norm_p1_p50_p99": [float(v) for v in code_norm.quantile(torch.tensor([0.01, 0.5, 0.99]))]}
+    every_id = []
+    for layer, chunks in inputs.items():
+        z = torch.cat(chunks)
+        ids = torch.cat([vq(chunk).ids.reshape(-1) for chunk in chunks])  # the block's own call (eval: no change)
+        every_id.append(ids)
+        spectrum = torch.linalg.svdvals(z - z.mean(dim=0)) ** 2
+        p = spectrum / spectrum.sum()
+        used = torch.unique(ids).numel()
+        report[f"layer{layer}"] = {
+            "tokens": z.shape[0], "codes_used": used, "used_of_bound": used / min(z.shape[0], vq.num_codes),
+            "input_norm_mean": float(z.norm(dim=1).mean()),
+            "norm_of_the_used_codes": float(code_norm[ids].mean()),
+            "input_effective_rank": float(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())),
+        }
+    tokens = sum(report[f"layer{layer}"]["tokens"] for layer in inputs)
+    used = torch.unique(torch.cat(every_id)).numel()
+    report["all_layers"] = {"tokens": tokens, "codes_used": used, "used_of_bound": used / min(tokens, vq.num_codes)}
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 ROUTINGS = ("graph", "frozen", "topk", "topk-float", "hash")  # MoEGraph routers (see graph/moegraph.py)
+VQ_PROJECTIONS = ("frozen", "learned")  # how the shared VQ's input projection trains (ModelConfig.vq_projection)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class ModelConfig:
     routing: str = "graph"  # how MoEGraph picks experts: one of ROUTINGS (the others are ablation baselines)
     balance_weight: float = 0.01  # weight of the Switch load-balancing loss of the topk routers
     vq_input_norm: bool = False  # the shared VQ searches unit-norm inputs (docs/results.md: 14 codes live instead of 2, not a fix)
+    # "frozen": the VQ input is a fixed random ternary projection of the detached hidden state, so
+    # the commitment loss trains the codes only; "learned": it also trains the projection (and the
+    # stream below), which then shrinks its output onto a few codes (docs/results.md, VQ collapse)
+    vq_projection: str = "frozen"
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "num_experts", "expert_hidden",
@@ -57,6 +62,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.fanout={self.fanout} exceeds num_experts={self.num_experts}")
         if self.routing not in ROUTINGS:
             raise ValueError(f"ModelConfig.routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+        if self.vq_projection not in VQ_PROJECTIONS:
+            raise ValueError(f"ModelConfig.vq_projection must be one of {', '.join(VQ_PROJECTIONS)}, "
+                             f"got {self.vq_projection!r}")
         if not self.balance_weight >= 0:
             raise ValueError(f"ModelConfig.balance_weight must be >= 0, got {self.balance_weight!r}")
         if not self.commitment_weight >= 0:
@@ -89,7 +97,8 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 # What a checkpoint made before a ModelConfig field existed was built with (not today's default).
-MODEL_FIELDS_BEFORE_THEY_EXISTED = {"routing": "graph", "balance_weight": 0.01, "vq_input_norm": False}
+MODEL_FIELDS_BEFORE_THEY_EXISTED = {"routing": "graph", "balance_weight": 0.01, "vq_input_norm": False,
+                                    "vq_projection": "learned"}
 
 
 def saved_model_config(fields: dict) -> ModelConfig:

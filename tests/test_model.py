@@ -91,6 +91,34 @@ def test_tiny_ternary_model_has_zero_float_state_and_trains_a_step():
                 pytest.fail(f"{type(module).__name__}.{name} keeps a float tensor")
 
 
+@pytest.mark.parametrize("projection", ["frozen", "learned"])
+def test_a_frozen_vq_projection_never_changes_while_the_codes_learn(projection):
+    """vq_projection="frozen": the projection gets no votes and keeps its trits over training
+    steps, while the codes it feeds still learn; "learned" votes into the projection."""
+    torch.manual_seed(0)
+    model = build_model(SMALL.replace(vq_projection=projection), seed=0)
+    opt = TernaryOptimizer(model, UpdateRule(threshold=1))
+    proj = model.blocks[0].vq_proj.weight
+    packed, codes = proj.packed.clone(), model.shared_vq.codes.weight.packed.clone()
+    ids = torch.randint(0, 256, (4, 65))
+    for _ in range(3):
+        model(ids[:, :-1], ids[:, 1:]).loss.backward()
+        proj_votes = int(proj.T_accum.abs().sum())
+        opt.step()
+        model.update_graph()
+        if projection == "frozen":
+            assert proj_votes == 0
+        else:
+            assert proj_votes > 0
+    assert torch.equal(proj.packed, packed) == (projection == "frozen")
+    assert not torch.equal(model.shared_vq.codes.weight.packed, codes)
+
+
+def test_unknown_vq_projection_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="vq_projection must be one of frozen, learned, got 'random'"):
+        ModelConfig(vq_projection="random")
+
+
 def test_meta_default_3b_has_zero_float_elements():
     model = build_model(get_preset("default_3b"), device="meta")
     assert float_elements(model) == 0

@@ -52,6 +52,7 @@ class Block(nn.Module):
         self.quantizes = layer in cfg.quantize_layers
         self.vq_proj = make_linear(cfg.dim, cfg.codebook_dim, weights, device=device, generator=generator) \
             if self.quantizes else None
+        self.vq_projection_frozen = cfg.vq_projection == "frozen"
         # Small codebooks hold every code's fanout edges (dense mode); past edge_capacity the
         # bounded active-edge set (large mode) takes over.
         capacity = None if cfg.edge_capacity >= cfg.codebook_size * cfg.fanout else cfg.edge_capacity
@@ -65,7 +66,12 @@ class Block(nn.Module):
         h = rms_norm(x)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.vq_proj is not None:
-            q = vq(self.vq_proj(h))
+            if self.vq_projection_frozen:  # no votes, no gradient: the codes alone follow the hidden states
+                with torch.no_grad():
+                    z = self.vq_proj(h)
+            else:
+                z = self.vq_proj(h)
+            q = vq(z)
             code_ids, aux = q.ids, q.commitment_loss
         x = x + self.moe(h, code_ids)
         balance = self.moe.take_balance_loss()  # the topk routers' load-balancing loss (ablation)
