@@ -3,7 +3,8 @@
 Launches ``ternary-graph train`` runs, several at once (a small model leaves most of an H200
 idle), one folder per (variant, seed) under ``--root``, then reports every variant over its
 seeds: final and best val bits/byte (mean ± sample std), the late regression (final against the
-run's best), the seed spread, the gap to the baseline variant and the rule's health at the end.
+run's best), the seed spread, the gap to the baseline variant and the rule's health at the end
+(averaged over the seeds).
 
     # launch (runs already finished under --root are kept, so a study can be extended)
     PYTHONPATH=. python3 experiments/rule_study.py run --root /tmp/study/tiny --preset tiny \\
@@ -198,6 +199,12 @@ def _routing_health(last_eval: dict, records: list[dict]) -> dict:
     return out
 
 
+def _mean_health(health: list[dict]) -> dict:
+    """Each health statistic averaged over the seeds that report it."""
+    keys = {k for record in health for k in record}
+    return {k: statistics.fmean(r[k] for r in health if k in r) for k in keys}
+
+
 # Extra report columns: (header, key in a run's health record, format)
 RULE_COLUMNS = (("zero trits", "zero_fraction", "{:.3f}"), ("saturated acc", "saturated_fraction", "{:.2e}"))
 ROUTING_COLUMNS = (("code→expert MI (bits)", "code_expert_mi_bits", "{:.3f}"),
@@ -221,7 +228,7 @@ def report(args: argparse.Namespace) -> int:
              "|---|---|---|---|---|---|---|" + "---|" * len(columns) + "---|"]
     for variant, row in sorted(table.items(), key=lambda kv: kv[1]["final_mean"]):
         gap = f"{row['final_mean'] / base['final_mean'] - 1:+.1%}" if base else "-"
-        health = row["health"][-1] if row["health"] else {}
+        health = _mean_health(row["health"])
         cells = " | ".join(_health_cell(health, key, fmt) for _, key, fmt in columns)
         std = "" if math.isnan(row["final_std"]) else f" ± {row['final_std']:.4f}"
         unfinished = "" if row["finished"] == row["seeds"] else f" ({row['seeds'] - row['finished']} unfinished)"
