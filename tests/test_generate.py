@@ -349,15 +349,22 @@ def test_cli_streams_the_seeded_continuation_of_the_checkpoint(trained):
 
 
 def test_ctrl_c_prints_what_was_generated_and_exits_130(trained):
+    """SIGINT once the stream has started. A loaded machine can deschedule this process for the
+    whole (sub-second) generation between the first byte and the signal; such a run ends with
+    all 500 bytes and exit 0, and the check is repeated (the interrupt must land at least once)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "ternary_graph.cli", "generate", "--checkpoint", str(trained[0]),
-                             "--prompt", "a", "--max-new-bytes", "500", "--temperature", "0", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
-    first = proc.stdout.read(1)  # the stream has started: generation is under way
-    proc.send_signal(signal.SIGINT)
-    rest, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err.decode()
-    err = err.decode()
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-m", "ternary_graph.cli", "generate", "--checkpoint",
+                                 str(trained[0]), "--prompt", "a", "--max-new-bytes", "500", "--temperature", "0",
+                                 "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+        first = proc.stdout.read(1)  # the stream has started: generation is under way
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+        err = err.decode()
+        if proc.returncode == 0 and err.startswith("500 bytes in"):
+            continue  # finished before the signal arrived
+        break
+    assert proc.returncode == 130, err
     assert err.startswith("interrupted: ") and "Traceback" not in err
     written = int(err.split()[1])
     assert 1 <= written < 500 and len(first + rest) >= 1
