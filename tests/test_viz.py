@@ -279,7 +279,7 @@ def test_routing_stats_from_model_and_metrics(run_dir, tmp_path):
     texts = svg_texts(svg)
     usage = model.shared_vq.usage
     live = int((usage > 0).sum())
-    assert f"Shared VQ code usage (int16): live fraction {live / 256:.2%} ({live:,} of 256 codes)" in texts
+    assert f"Shared VQ usage (int16): {live / 256:.2%} live ({live:,} of 256 codes)" in texts
     assert "Expert load: routed pairs of the last batch" in texts
     assert "layer0 active edges" in texts and "layer1 routed via edge" in texts and "shared-VQ live codes" in texts
     for i, moe in enumerate(model.moe_layers()):

@@ -623,7 +623,7 @@ def _panel_active_edges(ax, records: list[dict] | None) -> None:
         if live:
             s, v = zip(*live)
             twin.plot(s, v, color="black", lw=1.4, ls=":", label="shared-VQ live codes")
-        twin.set_ylabel("fraction: pairs routed via an edge (dashed), live VQ codes (dotted)")
+        twin.set_ylabel("routed via an edge (dashed) / live VQ codes (dotted)")
         twin.set_ylim(0, 1)
         h2, l2 = twin.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
@@ -637,7 +637,7 @@ def _panel_usage(ax, usage: torch.Tensor | None) -> None:
         return
     u = usage.cpu().numpy()
     n_live = int((u > 0).sum())
-    ax.set_title(f"Shared VQ code usage (int16): live fraction {n_live / max(u.size, 1):.2%} "
+    ax.set_title(f"Shared VQ usage (int16): {n_live / max(u.size, 1):.2%} live "
                  f"({n_live:,} of {u.size:,} codes)", fontsize=10)
     if n_live == 0:
         _note(ax, "no code used yet")
