@@ -56,7 +56,10 @@ SHAPES = ((4096, 4096), (8192, 8192), (4096, 14336))  # (K, N)
 FMA_CONFIGS = [dict(BN=64, BW=32, warps=4, per_sm=8), dict(BN=64, BW=32, warps=4, per_sm=4),
                dict(BN=64, BW=32, warps=4, per_sm=16), dict(BN=32, BW=32, warps=2, per_sm=8),
                dict(BN=128, BW=32, warps=8, per_sm=4), dict(BN=64, BW=64, warps=8, per_sm=4),
-               dict(BN=16, BW=32, warps=1, per_sm=16), dict(BN=64, BW=32, warps=4, split=1)]
+               dict(BN=16, BW=32, warps=1, per_sm=16), dict(BN=64, BW=32, warps=4, split=1),
+               # the next step's words loaded before this step's decode (not yet measured on a GPU)
+               dict(BN=64, BW=32, warps=4, per_sm=8, prefetch=True), dict(BN=64, BW=32, warps=4, per_sm=4, prefetch=True),
+               dict(BN=32, BW=32, warps=2, per_sm=8, prefetch=True), dict(BN=64, BW=32, warps=4, split=1, prefetch=True)]
 DOT_CONFIGS = [("dot", dict(BN=64, BW=32, warps=4, per_sm=4)), ("dot", dict(BN=128, BW=32, warps=4, per_sm=4)),
                ("dot", dict(BN=64, BW=32, warps=4, per_sm=8)), ("dot", dict(BN=128, BW=32, warps=8, per_sm=2)),
                ("dot1", dict(BN=64, BW=32, warps=4, per_sm=4))]
@@ -95,6 +98,8 @@ def cfg_name(variant: str, cfg: dict | None) -> str:
         return variant
     parts = [f"{cfg['BN']}x{cfg['BW']}w{cfg['warps']}"]
     parts.append(f"split{cfg['split']}" if "split" in cfg else f"sm{cfg['per_sm']}")
+    if cfg.get("prefetch"):
+        parts.append("pf")
     return f"{variant}/{'/'.join(parts)}"
 
 

@@ -182,7 +182,8 @@ def _run(variant, x2d, words, E, k, plane_words, config, offsets=None, ws=None, 
 
 def _splits(plane_words: int) -> list[dict]:
     bw = max(16, plane_words)
-    return [dict(BN=16, BW=bw, split=1), dict(BN=32, BW=bw, split=3), dict(BN=16, BW=bw)]  # last: automatic split
+    return [dict(BN=16, BW=bw, split=1), dict(BN=32, BW=bw, split=3), dict(BN=16, BW=bw),  # automatic split
+            dict(BN=16, BW=bw, split=2, prefetch=True)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -196,7 +197,7 @@ def test_fma_kernel_matches_reference(backend, n, k, plane_words, m, dtype, gen)
     x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
     ref = tg.gemv_2bit_reference(x, words, E, k, plane_words)
     torch.testing.assert_close(ref.double().cpu(), _oracle(x, packed, E, k), **_tolerance(dtype, ref))
-    for cfg in _splits(plane_words) if m == 1 else _splits(plane_words)[1:2]:
+    for cfg in _splits(plane_words) if m == 1 else _splits(plane_words)[1::2]:
         y = _run("fma", x, words, E, k, plane_words, cfg)
         torch.testing.assert_close(y, ref, **_tolerance(dtype, ref), msg=lambda s: f"{cfg}: {s}")
 

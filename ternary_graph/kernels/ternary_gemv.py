@@ -252,7 +252,8 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["N", "K", "KW", "stride_w8", "stride_ym", "G", "iters", "n_split"])
     def _gemv2_fma_kernel(x_ptr, w_ptr, e_ptr, off_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, stride_xm, stride_w8,
                           stride_ym, G, iters, n_split, L: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
-                          GP: tl.constexpr, HAS_GROUPS: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr):
+                          GP: tl.constexpr, HAS_GROUPS: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr,
+                          PREFETCH: tl.constexpr):
         m = tl.program_id(0)  # activation row: fastest grid axis, so programs sharing weights run together
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -274,10 +275,20 @@ if HAS_TRITON:
         n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
         acc = tl.zeros((BN, BW), dtype=tl.float32)  # Σ d·x per (row, word column)
         xsum = tl.zeros((BW,), dtype=tl.float32)  # Σ x per word column
+        # PREFETCH: the next step's word tile is loaded before this step's arithmetic, so one load
+        # is in flight while the program decodes (the loop is otherwise load, wait, compute)
+        if PREFETCH:
+            w_end = tl.minimum(KW, w_start + n_it * BW)
+            wd_next = tl.load(w_rows + (w_start + offs_w)[None, :],
+                              mask=n_ok[:, None] & ((w_start + offs_w)[None, :] < w_end), other=0)
         for it in range(0, n_it):
             w0 = w_start + it * BW
             wi = w0 + offs_w
-            if EVEN:
+            if PREFETCH:
+                wd = wd_next
+                wn = wi + BW
+                wd_next = tl.load(w_rows + wn[None, :], mask=n_ok[:, None] & (wn[None, :] < w_end), other=0)
+            elif EVEN:
                 wd = tl.load(w_rows + wi[None, :], mask=n_ok[:, None], other=0)
             else:
                 wd = tl.load(w_rows + wi[None, :], mask=n_ok[:, None] & (wi[None, :] < KW), other=0)
@@ -443,7 +454,8 @@ if HAS_TRITON:
         "fma", "dot" or "dot1" (the dot variants: M <= 16, 16-bit x, no groups, plane_words >= 16
         for "dot1"). ``out``: optional contiguous (M, N) result buffer. ``ws``/``counters``: the
         split-K workspace (:func:`workspace`; zero, and left zero); allocated per call when absent.
-        ``config``: BN, BW, warps, per_sm, optional split (forced number of K splits).
+        ``config``: BN, BW, warps, per_sm, optional split (forced number of K splits), optional
+        prefetch ("fma": load the next step's words before decoding this step's).
         """
         M, N, G = check_gemv_args(x2d, words, E, in_features, plane_words, offsets)
         if variant not in VARIANTS:
@@ -495,7 +507,7 @@ if HAS_TRITON:
             _gemv2_fma_kernel[(M, n_blocks, split)](
                 x2d, words, E, off, y, ws, counters, N, K, KW, x2d.stride(0), KW // 8, y.stride(0), G, iters, split,
                 L=L, BN=BN, BW=BW, GP=triton.next_power_of_2(G), HAS_GROUPS=offsets is not None, SPLIT=split > 1,
-                EVEN=even, num_warps=warps)
+                EVEN=even, PREFETCH=bool(cfg.get("prefetch", False)), num_warps=warps)
             return y
         pos, base = (5, 0x3F80) if x2d.dtype == torch.bfloat16 else (8, 0x3C00)  # top 2 mantissa bits of 1.0
         _gemv2_dot_kernel[(n_blocks, split)](
