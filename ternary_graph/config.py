@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 ROUTINGS = ("graph", "frozen", "topk", "topk-float", "hash")  # MoEGraph routers (see graph/moegraph.py)
+VQ_RESEED_FROM = ("worst", "random")  # which inputs re-seed dead VQ codes first (nn/vq.py reseed_candidates)
 VQ_PROJECTIONS = ("frozen", "learned")  # how the shared VQ's input projection trains (ModelConfig.vq_projection)
 
 
@@ -43,6 +44,7 @@ class ModelConfig:
     # the commitment loss trains the codes only; "learned": it also trains the projection (and the
     # stream below), which then shrinks its output onto a few codes (docs/results.md, VQ collapse)
     vq_projection: str = "frozen"
+    vq_reseed_from: str = "worst"  # dead shared-VQ codes are re-seeded from the "worst" or "random" inputs
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "num_experts", "expert_hidden",
@@ -65,6 +67,9 @@ class ModelConfig:
         if self.vq_projection not in VQ_PROJECTIONS:
             raise ValueError(f"ModelConfig.vq_projection must be one of {', '.join(VQ_PROJECTIONS)}, "
                              f"got {self.vq_projection!r}")
+        if self.vq_reseed_from not in VQ_RESEED_FROM:
+            raise ValueError(f"ModelConfig.vq_reseed_from must be one of {', '.join(VQ_RESEED_FROM)}, "
+                             f"got {self.vq_reseed_from!r}")
         if not self.balance_weight >= 0:
             raise ValueError(f"ModelConfig.balance_weight must be >= 0, got {self.balance_weight!r}")
         if not self.commitment_weight >= 0:
@@ -98,7 +103,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 # What a checkpoint made before a ModelConfig field existed was built with (not today's default).
 MODEL_FIELDS_BEFORE_THEY_EXISTED = {"routing": "graph", "balance_weight": 0.01, "vq_input_norm": False,
-                                    "vq_projection": "learned"}
+                                    "vq_projection": "learned", "vq_reseed_from": "worst"}
 
 
 def saved_model_config(fields: dict) -> ModelConfig:

@@ -12,7 +12,7 @@ import torch
 
 from ternary_graph.config import KGVQ_CODEBOOK_DIM, KGVQ_CODEBOOK_SIZE
 from ternary_graph.nn import KGVQCodebook, TernaryVQCodebook, VQOutput
-from ternary_graph.nn.vq import assignment_perplexity, ternary_fit
+from ternary_graph.nn.vq import assignment_perplexity, reseed_candidates, ternary_fit
 from ternary_graph.ternary import TernaryOptimizer, UpdateRule, pack_trits, unpack_trits
 from ternary_graph.ternary.state import E_STEP, exponent_to_scale
 
@@ -181,6 +181,33 @@ def test_dead_codes_are_reseeded_from_the_worst_inputs():
     with torch.no_grad():
         assert int(vq.eval()(outlier).ids[0]) == first_dead
     assert not vq.used_in_window.any()
+
+
+def test_reseed_candidates_worst_first_or_a_step_seeded_permutation():
+    dist = torch.tensor([0.5, 3.0, 0.1, 2.0, 2.0])
+    assert reseed_candidates(dist, "worst", step=7).tolist() == [1, 3, 4, 0, 2]  # ties keep row order
+    a, b, c = (reseed_candidates(dist, "random", step=s) for s in (7, 7, 8))
+    assert sorted(a.tolist()) == list(range(5)) and torch.equal(a, b)  # a permutation, fixed by the step
+    assert not all(torch.equal(reseed_candidates(dist, "random", step=s), a) for s in range(8, 14))
+    with pytest.raises(ValueError, match="reseed_from must be one of .*got 'best'"):
+        reseed_candidates(dist, "best", step=0)
+    with pytest.raises(ValueError, match="reseed_from must be one of .*got 'best'"):
+        _vq(reseed_from="best")
+
+
+def test_random_reseeding_fits_dead_codes_to_the_step_seeded_sample():
+    """With reseed_from="random" the first dead code gets the ternary fit of the first row of the
+    step-seeded permutation, not of the worst-reconstructed row."""
+    vq = _vq(32, 16, seed=12, reseed_window=2, usage_decay_interval=0, reseed_from="random")
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(3)) * 4
+    first_ids = vq(x[:3]).ids
+    second_ids = vq(x).ids  # the second call ends the window: its 6 rows re-seed dead codes
+    dead = sorted(set(range(32)) - set(first_ids.tolist()) - set(second_ids.tolist()))
+    order = reseed_candidates(torch.zeros(6), "random", step=2)
+    trits, E = ternary_fit(x[order[:1]])
+    w = vq.codes.weight
+    assert int(vq.reseeded_total) == 6
+    assert torch.equal(w.packed[dead[0]], pack_trits(trits)[0]) and int(w.E[dead[0]]) == int(E[0])
 
 
 def test_ternary_fit_is_optimal():

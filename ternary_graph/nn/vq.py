@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..config import KGVQ_CODEBOOK_DIM, KGVQ_CODEBOOK_SIZE
+from ..config import KGVQ_CODEBOOK_DIM, KGVQ_CODEBOOK_SIZE, VQ_RESEED_FROM
 from ..kernels.embedding import gather_rows_reference
 from ..kernels.vq_search import PRECISIONS, check_search_args, nearest_codes
 from ..ternary.packing import pack_trits
@@ -107,6 +107,21 @@ def assignment_perplexity(counts: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def reseed_candidates(dist: torch.Tensor, reseed_from: str, step: int) -> torch.Tensor:
+    """The order in which a batch's rows re-seed dead codes: ``"worst"`` reconstructed first, or
+    ``"random"``, a permutation seeded by the codebook's step (so identical on every rank and
+    after a resume; it runs between training steps, never inside a captured one).
+
+    Shapes: dist (n,) -> (n,) int64 row indices on dist's device.
+    """
+    if reseed_from == "worst":
+        return torch.argsort(dist, descending=True, stable=True)
+    if reseed_from == "random":
+        order = torch.randperm(dist.shape[0], generator=torch.Generator().manual_seed(int(step)))
+        return order.to(dist.device)
+    raise ValueError(f"reseed_from must be one of {VQ_RESEED_FROM}, got {reseed_from!r}")
+
+
 def _check_nonneg_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{name} must be a non-negative int (0 disables), got {value!r}")
@@ -124,6 +139,9 @@ class TernaryVQCodebook(nn.Module):
         init_scale, zero_fraction: initial code scale and trit sparsity (see TernaryState).
         precision: query rounding of the search, ``"bf16x2"`` (16 significant bits) or
             ``"bf16"`` (see ``kernels/vq_search.py``).
+        reseed_from: which inputs of the re-seeding batch dead codes are fitted to first: the
+            ``"worst"`` reconstructed (outliers, which few later tokens are near) or a
+            ``"random"`` sample (inputs where the data is dense); see :func:`reseed_candidates`.
         input_norm: rescale every input row to this L2 norm before the search (None: search the
             raw rows). Without it a shrinking input makes the smallest codes the nearest to
             everything: the codebook collapses onto a handful of codes (docs/results.md).
@@ -147,7 +165,7 @@ class TernaryVQCodebook(nn.Module):
     def __init__(self, num_codes: int, dim: int, *, commitment_weight: float = 0.25,
                  reseed_window: int = 100, usage_decay_interval: int = 100,
                  init_scale: float | None = None, zero_fraction: float | None = None,
-                 precision: str = "bf16x2", input_norm: float | None = None,
+                 precision: str = "bf16x2", input_norm: float | None = None, reseed_from: str = "worst",
                  device: torch.device | str | None = None, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if input_norm is not None and not (isinstance(input_norm, (int, float)) and math.isfinite(input_norm)
@@ -163,11 +181,14 @@ class TernaryVQCodebook(nn.Module):
         _check_nonneg_int("usage_decay_interval", usage_decay_interval)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if reseed_from not in VQ_RESEED_FROM:
+            raise ValueError(f"reseed_from must be one of {VQ_RESEED_FROM}, got {reseed_from!r}")
         self.num_codes, self.dim = num_codes, dim
         self.commitment_weight = float(commitment_weight)
         self.reseed_window = reseed_window
         self.usage_decay_interval = usage_decay_interval
         self.precision = precision
+        self.reseed_from = reseed_from
         self.input_norm = None if input_norm is None else float(input_norm)
         self.codes = TernaryEmbeddingTable(num_codes, dim, zero_fraction=zero_fraction, init_scale=init_scale,
                                            device=device, generator=generator)
@@ -270,13 +291,18 @@ class TernaryVQCodebook(nn.Module):
             if sync is not None:
                 sync.codes_reseeded(self, targets[reseeded])
 
+    @property
+    def schedule_step(self) -> int:
+        """Training calls so far, from the host mirror when there is one (no device read)."""
+        return int(self.step) if self._host_step is None else self._host_step
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._host_step = None  # re-read from the loaded buffer at the next training forward
 
     @torch.no_grad()
     def _reseed(self, z2d: torch.Tensor, dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Re-seed dead codes from the worst-reconstructed rows of z2d.
+        """Re-seed dead codes from rows of z2d in :func:`reseed_candidates` order.
 
         Fixed shapes (no host sync): ``n = min(rows, num_codes)`` candidate targets, the dead
         codes first in id order; the first ``min(dead, n)`` are re-seeded, the others are
@@ -287,8 +313,8 @@ class TernaryVQCodebook(nn.Module):
         n = min(z2d.shape[0], self.num_codes)
         targets = torch.argsort(dead.to(torch.int8), descending=True, stable=True)[:n]
         reseeded = dead.index_select(0, targets)
-        worst = torch.argsort(dist, descending=True, stable=True)[:n]
-        trits, E = ternary_fit(z2d.index_select(0, worst))
+        rows = reseed_candidates(dist, self.reseed_from, self.schedule_step)[:n]
+        trits, E = ternary_fit(z2d.index_select(0, rows))
         w = self.codes.weight
         keep = ~reseeded
         w.packed.index_copy_(0, targets, torch.where(keep[:, None], w.packed.index_select(0, targets),
@@ -338,7 +364,7 @@ class TernaryVQCodebook(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_codes={self.num_codes}, dim={self.dim}, commitment_weight={self.commitment_weight:g}, "
                 f"reseed_window={self.reseed_window}, usage_decay_interval={self.usage_decay_interval}, "
-                f"precision={self.precision!r}")
+                f"precision={self.precision!r}, reseed_from={self.reseed_from!r}")
 
 
 class KGVQCodebook(TernaryVQCodebook):

@@ -75,7 +75,7 @@ from torch import nn
 
 from ..graph.moegraph import MoEGraph
 from ..nn.embedding import TernaryEmbeddingTable
-from ..nn.vq import TernaryVQCodebook
+from ..nn.vq import TernaryVQCodebook, reseed_candidates
 from ..ternary.state import TernaryState, float_parameters
 
 DEFAULT_TIMEOUT_S = 600.0  # torch's NCCL default; a checkpoint of rank 0 must fit inside it
@@ -341,15 +341,16 @@ class VoteSync:
         return unique, counts, self.world_size
 
     def reseed_inputs(self, vq: TernaryVQCodebook, z2d: torch.Tensor, dist_: torch.Tensor):
-        """Every rank's worst-reconstructed inputs, enough of them for the dead codes, in rank order.
+        """Every rank's re-seed candidates (``reseed_candidates`` order), enough of them for the
+        dead codes, in rank order.
 
         Shapes: z2d (n, dim), dist_ (n,) -> (world·k, dim) float32, (world·k,) float32.
         """
         dead = int((~vq.used_in_window).sum())  # identical on every rank: the window is merged
         k = min(dead, z2d.shape[0])
-        worst = torch.argsort(dist_, descending=True, stable=True)[:k]
-        payload = torch.cat([z2d.index_select(0, worst).to(torch.float32),
-                             dist_.index_select(0, worst).to(torch.float32)[:, None]], dim=1)
+        rows = reseed_candidates(dist_, vq.reseed_from, vq.schedule_step)[:k]
+        payload = torch.cat([z2d.index_select(0, rows).to(torch.float32),
+                             dist_.index_select(0, rows).to(torch.float32)[:, None]], dim=1)
         gathered = self._all_gather("VQ re-seed all-gather", payload).reshape(-1, z2d.shape[1] + 1)
         self._stats.vq_bytes += payload.numel() * payload.element_size()
         gathered = gathered.to(z2d.device)
