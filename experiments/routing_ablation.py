@@ -4,6 +4,7 @@
                           codes of a learned VQ projection (which collapses onto a few codes)
     (e) graph             the same router over codes of a frozen random projection (the default
                           since 2026-12-02: the codebook lives, so edges have codes to learn for)
+        graph-random-reseed  (e) with dead codes re-seeded from a random sample of the batch
     (b) frozen            centroids only: the same candidates with every edge frozen neutral
     (c) topk              a plain top-k softmax router over the ternary centroids, Switch balance loss
         topk-float        the same router with a float weight (a model with float parameters: eager)
@@ -33,6 +34,7 @@ SMALL_RULE = VARIANTS["cool24-64"]
 ROUTING_VARIANTS: dict[str, list[str]] = {
     "graph": [*SMALL_RULE, "--routing", "graph"],
     "graph-learned-vq": [*SMALL_RULE, "--routing", "graph", "--model", "vq_projection=learned"],
+    "graph-random-reseed": [*SMALL_RULE, "--routing", "graph", "--model", "vq_reseed_from=random"],
     "frozen": [*SMALL_RULE, "--routing", "frozen"],
     "topk": [*SMALL_RULE, "--routing", "topk"],
     "topk-float": [*SMALL_RULE, "--routing", "topk-float", "--eager"],

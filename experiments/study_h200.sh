@@ -11,7 +11,8 @@
 #   bash experiments/study_h200.sh routing    # issue 14: small ablation, graph/frozen/topk/hash seed 0 and
 #                                             # graph seeds 1, 2 at once (6 small runs of 50M tokens fill
 #                                             # one session's device time); the CUDA router-capture tests
-#   bash experiments/study_h200.sh routing-more  # graph-learned-vq x 3 and hash seeds 1, 2 (5 runs, ~600 s)
+#   bash experiments/study_h200.sh routing-more  # graph-learned-vq x 3, hash seeds 1, 2, graph-random-reseed
+#                                                # seed 0 (6 runs, ~900 s)
 #   bash experiments/study_h200.sh wait       # wait (up to WAIT_S), then report
 # One call runs at most 10 minutes: call `wait` again within 30 s of the last return, or the
 # machine (and the runs) go back. On 2026-12-01 ~20 runs at once kept the H200 at 100%.
@@ -108,10 +109,11 @@ case "${1:-wait}" in
         tail -4 "$OUT/pytest_cuda_routers.log"
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
-    routing-more)  # the rest of the ablation: (a) beside the runs of `routing`, hash seeds 1, 2
+    routing-more)  # the rest of the ablation: (a) beside the runs of `routing`, hash seeds 1, 2, random re-seeding
         device_info
         launch routing_more routing_ablation.py run "${ROUTING[@]}" --variants graph-learned-vq,hash --seeds 0,1,2 \
             --parallel 5
+        launch routing_reseed routing_ablation.py run "${ROUTING[@]}" --variants graph-random-reseed --seeds 0 --parallel 1
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
     wait)

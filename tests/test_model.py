@@ -137,10 +137,11 @@ def test_float_baseline_has_same_architecture_with_float_weights():
     out = flt(ids[:, :-1], ids[:, 1:])
     out.loss.backward()
     with_grad = {name for name, p in flt.named_parameters() if p.grad is not None}
-    # every weight on the LM path has a gradient (the KG head is not on it; unrouted experts may idle)
-    for name in ("embed.weight", "blocks.0.attn.q.weight", "blocks.1.attn.o.weight", "head.lm.weight",
-                 "blocks.0.vq_proj.weight"):
+    # every weight on the LM path has a gradient (the KG head is not on it; unrouted experts may
+    # idle); the frozen VQ projection (the default) has none
+    for name in ("embed.weight", "blocks.0.attn.q.weight", "blocks.1.attn.o.weight", "head.lm.weight"):
         assert name in with_grad, name
+    assert "blocks.0.vq_proj.weight" not in with_grad
     assert any(".experts." in name for name in with_grad)
 
 

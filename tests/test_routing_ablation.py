@@ -21,7 +21,7 @@ def _main(*argv: str) -> int:
 
 
 def test_unknown_variant_is_refused_listing_the_valid_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown --variants \['switch'\]; valid: graph, graph-learned-vq, frozen, topk, topk-float, hash"):
+    with pytest.raises(ValueError, match=r"unknown --variants \['switch'\]; valid: graph, graph-learned-vq, graph-random-reseed, frozen, topk, topk-float, hash"):
         _main("run", "--root", str(tmp_path), "--variants", "graph,switch", "--device", "cpu")
     assert not any(tmp_path.iterdir()), "nothing is launched when one name is wrong"
 

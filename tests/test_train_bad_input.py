@@ -436,6 +436,8 @@ def test_a_checkpoint_older_than_the_cool_down_resumes_with_its_own_rule():
     ("vq_input_norm=maybe", "--model vq_input_norm takes true or false, got 'maybe'"),
     ("num_experts=four", "--model num_experts takes int values, got 'four'"),
     ("routing=topk", "choose the router with --routing"),
+    ("vq_projection=random", "ModelConfig.vq_projection must be one of frozen, learned, got 'random'"),
+    ("vq_reseed_from=best", "ModelConfig.vq_reseed_from must be one of worst, random, got 'best'"),
 ])
 def test_bad_model_override_is_one_line(capsys, item, message):
     code, _, err = run_main(capsys, "train", "--model", item, "--out", "unused")
