@@ -196,6 +196,8 @@ def _routing_health(last_eval: dict, records: list[dict]) -> dict:
     vq = [r["routing"]["shared_vq"] for r in records if "shared_vq" in r.get("routing", {})]
     if vq:
         out["vq_live_fraction"] = vq[-1]["live_fraction"]
+        if vq[-1].get("window_hit_fraction") is not None:
+            out["vq_window_hit_fraction"] = vq[-1]["window_hit_fraction"]
     return out
 
 
@@ -209,7 +211,8 @@ def _mean_health(health: list[dict]) -> dict:
 RULE_COLUMNS = (("zero trits", "zero_fraction", "{:.3f}"), ("saturated acc", "saturated_fraction", "{:.2e}"))
 ROUTING_COLUMNS = (("code→expert MI (bits)", "code_expert_mi_bits", "{:.3f}"),
                    ("max / min expert share", ("load_max_share", "load_min_share"), "{:.3f} / {:.3f}"),
-                   ("shared-VQ live codes", "vq_live_fraction", "{:.1%}"))
+                   ("shared-VQ live codes", "vq_live_fraction", "{:.1%}"),
+                   ("codes hit in the last window", "vq_window_hit_fraction", "{:.1%}"))
 
 
 def _health_cell(health: dict, key, fmt: str) -> str:

@@ -69,6 +69,10 @@ class VQStats:
 
     perplexity: float  # exp(entropy) of the last training batch's assignment histogram
     live_fraction: float  # fraction of codes with usage > 0
+    # codes assigned at least once in the last complete re-seed window (1 - dead_codes / num_codes),
+    # None before the first window ends: unlike live_fraction, it does not depend on the phase
+    # of the usage halving
+    window_hit_fraction: float | None
     dead_codes: int  # codes found unused at the last re-seed check
     reseeded_total: int  # codes re-seeded so far
 
@@ -354,11 +358,15 @@ class TernaryVQCodebook(nn.Module):
     # --- statistics --------------------------------------------------------------------------
     @torch.no_grad()
     def stats(self) -> VQStats:
-        """Perplexity of the last training batch, live-code fraction (one pass over ``usage``)."""
+        """Perplexity of the last training batch, live-code fraction (one pass over ``usage``), the
+        fraction of codes hit in the last re-seed window."""
         counts = self._last_counts
         perplexity = assignment_perplexity(counts[counts > 0]) if counts is not None else 0.0
         live = float((self.usage > 0).sum()) / self.num_codes
-        return VQStats(perplexity=perplexity, live_fraction=live, dead_codes=int(self.dead_codes),
+        dead = int(self.dead_codes)
+        checked = self.reseed_window > 0 and int(self.step) >= self.reseed_window
+        return VQStats(perplexity=perplexity, live_fraction=live,
+                       window_hit_fraction=1.0 - dead / self.num_codes if checked else None, dead_codes=dead,
                        reseeded_total=int(self.reseeded_total))
 
     def extra_repr(self) -> str:
