@@ -31,14 +31,20 @@ import sys
 from rule_study import ROUTING_COLUMNS, VARIANTS, run_cli
 
 SMALL_RULE = VARIANTS["cool24-64"]
+
+
+def _router(routing: str, *extra: str) -> list[str]:
+    return [*SMALL_RULE, "--routing", routing, *extra]
+
+
 ROUTING_VARIANTS: dict[str, list[str]] = {
-    "graph": [*SMALL_RULE, "--routing", "graph"],
-    "graph-learned-vq": [*SMALL_RULE, "--routing", "graph", "--model", "vq_projection=learned"],
-    "graph-random-reseed": [*SMALL_RULE, "--routing", "graph", "--model", "vq_reseed_from=random"],
-    "frozen": [*SMALL_RULE, "--routing", "frozen"],
-    "topk": [*SMALL_RULE, "--routing", "topk"],
-    "topk-float": [*SMALL_RULE, "--routing", "topk-float", "--eager"],
-    "hash": [*SMALL_RULE, "--routing", "hash"],
+    "graph": _router("graph"),
+    "graph-learned-vq": _router("graph", "--model", "vq_projection=learned"),
+    "graph-random-reseed": _router("graph", "--model", "vq_reseed_from=random"),
+    "frozen": _router("frozen"),
+    "topk": _router("topk"),
+    "topk-float": _router("topk-float", "--eager"),
+    "hash": _router("hash"),
 }
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def summarise(root: pathlib.Path, steps: int | None) -> dict[str, dict]:
             regressions.append(vals[-1] / min(vals) - 1.0)
             speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
             tok_s.append(statistics.median(speeds) if speeds else float("nan"))
-            health.append({**evals[-1].get("rule", {}), **_routing_health(evals[-1], records)})
+            health.append({**evals[-1].get("rule", {}), **_routing_health(evals[-1], records, _codebook_size(run))})
             curves.append([(r["step"], r["val_bits_per_byte"]) for r in evals])
             done.append(steps is None or evals[-1]["step"] >= steps)
         if not finals:
@@ -180,14 +180,20 @@ def summarise(root: pathlib.Path, steps: int | None) -> dict[str, dict]:
             "seeds": len(finals), "finished": sum(done), "final_mean": mean, "final_std": std,
             "final_values": finals, "best_mean": statistics.fmean(bests),
             "late_regression_max": max(regressions), "spread": (max(finals) - min(finals)) / mean,
-            "tokens_per_s": statistics.fmean(tok_s), "health": health, "curves": curves,
+            "tokens_per_s": statistics.fmean(tok_s), "tokens_per_s_values": tok_s, "health": health, "curves": curves,
         }
     return out
 
 
-def _routing_health(last_eval: dict, records: list[dict]) -> dict:
+def _codebook_size(run: pathlib.Path) -> int | None:
+    path = run / "config.json"
+    return json.loads(path.read_text()).get("model", {}).get("codebook_size") if path.exists() else None
+
+
+def _routing_health(last_eval: dict, records: list[dict], codebook_size: int | None) -> dict:
     """Means over the MoE layers of the last evaluation's routing (code -> expert mutual
-    information, largest / smallest expert share) and the shared VQ's last live fraction."""
+    information, largest / smallest expert share), the shared VQ's last live fraction (usage > 0)
+    and, once a re-seed check has run, the codes hit in the last window (1 - dead / codes)."""
     layers = list(last_eval.get("val_routing", {}).values())
     out = {}
     if layers:
@@ -196,8 +202,8 @@ def _routing_health(last_eval: dict, records: list[dict]) -> dict:
     vq = [r["routing"]["shared_vq"] for r in records if "shared_vq" in r.get("routing", {})]
     if vq:
         out["vq_live_fraction"] = vq[-1]["live_fraction"]
-        if vq[-1].get("window_hit_fraction") is not None:
-            out["vq_window_hit_fraction"] = vq[-1]["window_hit_fraction"]
+        if codebook_size and vq[-1]["reseeded_total"] + vq[-1]["dead_codes"] > 0:  # else no check yet
+            out["vq_window_hit_fraction"] = 1.0 - vq[-1]["dead_codes"] / codebook_size
     return out
 
 

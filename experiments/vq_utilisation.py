@@ -25,21 +25,20 @@ def vq_utilisation(checkpoint: str, windows: int, device: str = "cpu") -> dict:
     model.eval()
     _, val, _ = prepare_data(cfg)
     vq = model.shared_vq
-    blocks = [b for b in model.blocks if b.vq_proj is not None]
-    inputs: dict[int, list[torch.Tensor]] = {b.layer: [] for b in blocks}
-    hooks = [b.vq_proj.register_forward_hook(lambda m, i, out, layer=b.layer: inputs[layer].append(
-        out.float().reshape(-1, vq.dim))) for b in blocks]
+    layers = [b.layer for b in model.blocks if b.vq_proj is not None]  # the VQ's callers, in call order
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (inputs, ids) of every call the blocks make
+    hook = vq.register_forward_hook(lambda m, args, out: calls.append(
+        (args[0].float().reshape(-1, vq.dim), out.ids.reshape(-1))))
     for x, y in val.validation_batches(cfg.batch_size, cfg.seq_len, windows):
         model(x.to(cfg.device), y.to(cfg.device))
-    for hook in hooks:
-        hook.remove()
+    hook.remove()
     code_norm = vq.codes.weight.dequantize().norm(dim=1)
     report: dict = {"codes": vq.num_codes, "input_norm_setting": vq.input_norm,
                     "code_norm_p1_p50_p99": [float(v) for v in code_norm.quantile(torch.tensor([0.01, 0.5, 0.99]))]}
     every_id = []
-    for layer, chunks in inputs.items():
-        z = torch.cat(chunks)
-        ids = torch.cat([vq(chunk).ids.reshape(-1) for chunk in chunks])  # the block's own call (eval: no change)
+    for i, layer in enumerate(layers):
+        z = torch.cat([z for z, _ in calls[i::len(layers)]])
+        ids = torch.cat([ids for _, ids in calls[i::len(layers)]])
         every_id.append(ids)
         spectrum = torch.linalg.svdvals(z - z.mean(dim=0)) ** 2
         p = spectrum / spectrum.sum()
@@ -50,7 +49,7 @@ def vq_utilisation(checkpoint: str, windows: int, device: str = "cpu") -> dict:
             "norm_of_the_used_codes": float(code_norm[ids].mean()),
             "input_effective_rank": float(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())),
         }
-    tokens = sum(report[f"layer{layer}"]["tokens"] for layer in inputs)
+    tokens = sum(report[f"layer{layer}"]["tokens"] for layer in layers)
     used = torch.unique(torch.cat(every_id)).numel()
     report["all_layers"] = {"tokens": tokens, "codes_used": used, "used_of_bound": used / min(tokens, vq.num_codes)}
     return report

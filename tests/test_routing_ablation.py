@@ -39,9 +39,23 @@ def test_one_run_reports_mutual_information_load_and_live_codes(tmp_path, capsys
     capsys.readouterr()
     assert _main("report", "--root", str(root), "--steps", "3", "--out", str(tmp_path / "out")) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| frozen")][0]
-    mi, shares, live = row.split(" | ")[7:10]
+    mi, shares, live, window = row.split(" | ")[7:11]
+    assert window == "-"  # 3 steps: no re-seed check has run, so no window count yet
     assert 0.0 <= float(mi) <= 2.0  # log2(4 experts) bounds it
     high, low = (float(v) for v in shares.split(" / "))  # "max / min"
     assert 0.0 <= high <= 1.0 and 0.0 <= low <= high
     assert live.endswith("%")
     assert (tmp_path / "out" / "ablation.md").read_text().startswith("| variant")
+
+
+def test_codes_hit_in_the_last_window_come_from_dead_codes_and_the_codebook_size(tmp_path, capsys):
+    run = tmp_path / "ablation" / "graph-s0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": {"codebook_size": 64}}))
+    vq = {"perplexity": 9.0, "live_fraction": 0.5, "dead_codes": 16, "reseeded_total": 20}
+    records = [{"step": 100, "tokens_per_s": 10.0, "routing": {"shared_vq": vq}},
+               {"step": 100, "val_bits_per_byte": 2.0, "routing": {"shared_vq": vq}}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _main("report", "--root", str(run.parent), "--steps", "100", "--baseline", "graph") == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| graph")][0]
+    assert row.split(" | ")[9:11] == ["50.0%", "75.0%"]  # live (usage > 0), then 1 - 16 / 64

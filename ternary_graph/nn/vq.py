@@ -69,10 +69,6 @@ class VQStats:
 
     perplexity: float  # exp(entropy) of the last training batch's assignment histogram
     live_fraction: float  # fraction of codes with usage > 0
-    # codes assigned at least once in the last complete re-seed window (1 - dead_codes / num_codes),
-    # None before the first window ends: unlike live_fraction, it does not depend on the phase
-    # of the usage halving
-    window_hit_fraction: float | None
     dead_codes: int  # codes found unused at the last re-seed check
     reseeded_total: int  # codes re-seeded so far
 
@@ -111,6 +107,11 @@ def assignment_perplexity(counts: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def _check_reseed_from(reseed_from: str) -> None:
+    if reseed_from not in VQ_RESEED_FROM:
+        raise ValueError(f"reseed_from must be one of {VQ_RESEED_FROM}, got {reseed_from!r}")
+
+
 def reseed_candidates(dist: torch.Tensor, reseed_from: str, step: int) -> torch.Tensor:
     """The order in which a batch's rows re-seed dead codes: ``"worst"`` reconstructed first, or
     ``"random"``, a permutation seeded by the codebook's step (so identical on every rank and
@@ -118,12 +119,11 @@ def reseed_candidates(dist: torch.Tensor, reseed_from: str, step: int) -> torch.
 
     Shapes: dist (n,) -> (n,) int64 row indices on dist's device.
     """
+    _check_reseed_from(reseed_from)
     if reseed_from == "worst":
         return torch.argsort(dist, descending=True, stable=True)
-    if reseed_from == "random":
-        order = torch.randperm(dist.shape[0], generator=torch.Generator().manual_seed(int(step)))
-        return order.to(dist.device)
-    raise ValueError(f"reseed_from must be one of {VQ_RESEED_FROM}, got {reseed_from!r}")
+    order = torch.randperm(dist.shape[0], generator=torch.Generator().manual_seed(int(step)))
+    return order.to(dist.device)
 
 
 def _check_nonneg_int(name: str, value) -> None:
@@ -185,8 +185,7 @@ class TernaryVQCodebook(nn.Module):
         _check_nonneg_int("usage_decay_interval", usage_decay_interval)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if reseed_from not in VQ_RESEED_FROM:
-            raise ValueError(f"reseed_from must be one of {VQ_RESEED_FROM}, got {reseed_from!r}")
+        _check_reseed_from(reseed_from)
         self.num_codes, self.dim = num_codes, dim
         self.commitment_weight = float(commitment_weight)
         self.reseed_window = reseed_window
@@ -358,15 +357,11 @@ class TernaryVQCodebook(nn.Module):
     # --- statistics --------------------------------------------------------------------------
     @torch.no_grad()
     def stats(self) -> VQStats:
-        """Perplexity of the last training batch, live-code fraction (one pass over ``usage``), the
-        fraction of codes hit in the last re-seed window."""
+        """Perplexity of the last training batch, live-code fraction (one pass over ``usage``)."""
         counts = self._last_counts
         perplexity = assignment_perplexity(counts[counts > 0]) if counts is not None else 0.0
         live = float((self.usage > 0).sum()) / self.num_codes
-        dead = int(self.dead_codes)
-        checked = self.reseed_window > 0 and int(self.step) >= self.reseed_window
-        return VQStats(perplexity=perplexity, live_fraction=live,
-                       window_hit_fraction=1.0 - dead / self.num_codes if checked else None, dead_codes=dead,
+        return VQStats(perplexity=perplexity, live_fraction=live, dead_codes=int(self.dead_codes),
                        reseeded_total=int(self.reseeded_total))
 
     def extra_repr(self) -> str:
