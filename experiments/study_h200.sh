@@ -7,7 +7,9 @@
 #                                             # small x3 and tiny best/old/float x3
 #   bash experiments/study_h200.sh rule-small # issue 13 on the small preset itself: old and four
 #                                             # higher-θ rules (seed 0) at once; `wait` until they end, then
+#                                             # (and graph-learned-vq seed 0, issue 14's (a))
 #   bash experiments/study_h200.sh rule-small-best   # the best of them x seeds 1, 2
+#   bash experiments/study_h200.sh finish     # wait, pack reports + run logs in one tarball, GEMV sweep
 #   bash experiments/study_h200.sh routing    # issue 14: small ablation, graph/frozen/topk/hash seed 0 and
 #                                             # graph seeds 1, 2 at once (6 small runs of 50M tokens fill
 #                                             # one session's device time); the CUDA router-capture tests
@@ -88,10 +90,25 @@ case "${1:-wait}" in
         ;;
     rule-small)
         device_info
+        # the float twin and cool24-64 runs of 2026-12-01 join the report (old-s0 there was stopped at step 800)
+        mkdir -p "$STUDY/small" && tar xzf docs/measurements/rule_study_small_h200_runs.tar.gz -C "$STUDY/small" \
+            && rm -rf "$STUDY/small/old-s0"
         smoke rule
         launch small_sweep rule_study.py run "${SMALL[@]}" --variants old,cool40-64,d5-cool32-96,d5-cool48-112,d5-ramp32-96 \
             --seeds 0 --parallel 5
+        # (a) of issue 14 beside (e) of 2026-12-02 (graph-s0 there): the learned VQ projection, same code and day
+        launch routing_a routing_ablation.py run "${ROUTING[@]}" --variants graph-learned-vq --seeds 0 --parallel 1
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
+        ;;
+    finish)  # after the runs: wait for them, pack reports and logs into one tarball, then the GEMV sweep on an idle GPU
+        wait_all
+        final="$OUT"; OUT="$STUDY/reports"; mkdir -p "$OUT"; report > "$OUT/report.log" 2>&1; OUT="$final"
+        (cd "$STUDY" && find . -name config.json -o -name metrics.jsonl -o -name train.log -o -name 'launch_*.log' \
+            -o -path './reports/*' | tar czf "$OUT/study_h200.tar.gz" -T -)
+        tail -40 "$STUDY/reports/report.log"
+        timeout 420 python3 experiments/bench_decode.py --out "$OUT" --skip-models --shapes 8192x8192 \
+            --budget-s 360 2>&1 | tail -60
+        exit 0
         ;;
     rule-small-best)  # after rule-small's runs have finished
         best=$(python3 experiments/rule_study.py best --root "$STUDY/small" --steps 3052) || exit 1
@@ -120,7 +137,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
