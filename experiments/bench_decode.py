@@ -57,9 +57,16 @@ FMA_CONFIGS = [dict(BN=64, BW=32, warps=4, per_sm=8), dict(BN=64, BW=32, warps=4
                dict(BN=64, BW=32, warps=4, per_sm=16), dict(BN=32, BW=32, warps=2, per_sm=8),
                dict(BN=128, BW=32, warps=8, per_sm=4), dict(BN=64, BW=64, warps=8, per_sm=4),
                dict(BN=16, BW=32, warps=1, per_sm=16), dict(BN=64, BW=32, warps=4, split=1),
-               # the next step's words loaded before this step's decode (not yet measured on a GPU)
+               # latency hiding: the next step's words loaded before this step's decode (prefetch), or
+               # Triton's pipeliner told how deep it may go (stages; its default is 3)
                dict(BN=64, BW=32, warps=4, per_sm=8, prefetch=True), dict(BN=64, BW=32, warps=4, per_sm=4, prefetch=True),
-               dict(BN=32, BW=32, warps=2, per_sm=8, prefetch=True), dict(BN=64, BW=32, warps=4, split=1, prefetch=True)]
+               dict(BN=32, BW=32, warps=2, per_sm=8, prefetch=True), dict(BN=64, BW=32, warps=4, split=1, prefetch=True),
+               dict(BN=64, BW=32, warps=4, split=2, prefetch=True), dict(BN=64, BW=32, warps=4, split=4, prefetch=True),
+               dict(BN=64, BW=32, warps=4, per_sm=8, stages=1), dict(BN=64, BW=32, warps=4, per_sm=8, stages=4),
+               dict(BN=64, BW=32, warps=4, split=1, stages=4), dict(BN=64, BW=32, warps=4, split=4, stages=4),
+               # more rows per thread (each activation load feeds more FMAs), 4 warps
+               dict(BN=128, BW=32, warps=4, per_sm=4), dict(BN=256, BW=16, warps=4, per_sm=4),
+               dict(BN=128, BW=32, warps=4, per_sm=4, prefetch=True)]
 DOT_CONFIGS = [("dot", dict(BN=64, BW=32, warps=4, per_sm=4)), ("dot", dict(BN=128, BW=32, warps=4, per_sm=4)),
                ("dot", dict(BN=64, BW=32, warps=4, per_sm=8)), ("dot", dict(BN=128, BW=32, warps=8, per_sm=2)),
                ("dot1", dict(BN=64, BW=32, warps=4, per_sm=4))]
@@ -100,6 +107,8 @@ def cfg_name(variant: str, cfg: dict | None) -> str:
     parts.append(f"split{cfg['split']}" if "split" in cfg else f"sm{cfg['per_sm']}")
     if cfg.get("prefetch"):
         parts.append("pf")
+    if cfg.get("stages") is not None:
+        parts.append(f"st{cfg['stages']}")
     return f"{variant}/{'/'.join(parts)}"
 
 
@@ -563,6 +572,45 @@ def model_section(b: Bench, preset: str, new_tokens: int, ids: torch.Tensor) -> 
             del model
             free()
 
+def kernel_report(b: Bench) -> None:
+    """Registers, spills, shared memory, resident programs per SM and the SASS opcode mix of every
+    compiled decode GEMV kernel: what bounds the kernels (occupancy, issue) without a profiler."""
+    from collections import Counter
+
+    from ternary_graph.kernels import ternary_gemv as tg
+
+    props = torch.cuda.get_device_properties(0) if DEVICE == "cuda" else None
+    for fn_name in ("_gemv2_fma_kernel", "_gemv2_dot_kernel"):
+        fn = getattr(tg, fn_name)
+        for entry in list(getattr(fn, "device_caches", {}).values()):
+            for key, k in list(entry[0].items()):
+                md = k.metadata
+                consts = {n: v for n, v in getattr(getattr(k, "src", None), "constants", {}).items()
+                          if isinstance(v, (int, bool))} if hasattr(k, "src") else {}
+                threads = 32 * md.num_warps
+                regs = getattr(k, "n_regs", 0) or 0
+                per_sm = None
+                if props is not None and regs:
+                    per_sm = min(props.max_threads_per_multi_processor // threads,
+                                 props.regs_per_multiprocessor // (max(regs, 1) * threads) if regs else 99,
+                                 (props.shared_memory_per_multiprocessor // md.shared) if md.shared else 99, 32)
+                mix = ""
+                try:
+                    sass = k.asm["sass"]
+                    ops = Counter()
+                    for line in sass.splitlines():
+                        tokens = line.replace("{", " ").split()
+                        if len(tokens) > 2 and tokens[0].startswith("/*") and tokens[0].endswith("*/"):
+                            op = tokens[2] if tokens[1].startswith("@") else tokens[1]
+                            ops[op.split(".")[0]] += 1
+                    mix = " ".join(f"{op}:{n}" for op, n in ops.most_common(14))
+                except Exception as exc:  # nvdisasm may be absent: the rest of the row still says a lot
+                    mix = f"(no SASS: {type(exc).__name__}: {str(exc)[:80]})"
+                b.log(f"kernel {fn_name} warps={md.num_warps} stages={md.num_stages} regs={regs} "
+                      f"spills={getattr(k, 'n_spills', '?')} shared={md.shared} programs/SM={per_sm} consts={consts}")
+                b.log(f"  SASS mix: {mix}")
+
+
 # --------------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -625,6 +673,11 @@ def main() -> int:
                         best_fma, best_time = cfg, t
         except Exception as exc:
             b.fail(f"GEMV {K}->{N}", exc)
+    if DEVICE == "cuda":
+        try:
+            kernel_report(b)
+        except Exception as exc:
+            b.fail("kernel report", exc)
     if best_fma == FMA_CONFIGS[0]:
         best_fma = None  # the default already runs
     try:

@@ -430,6 +430,9 @@ if HAS_TRITON:
 
     def _block_config(cfg: dict, L: int) -> tuple[int, int, int]:
         BN, BW, warps = int(cfg["BN"]), int(cfg["BW"]), int(cfg["warps"])
+        stages = cfg.get("stages")
+        if stages is not None and (not isinstance(stages, int) or isinstance(stages, bool) or stages < 1):
+            raise ValueError(f"config stages must be a positive int (Triton's num_stages), got {stages!r}")
         if BN < MIN_BN or BN & (BN - 1):
             raise ValueError(f"config BN must be a power of two >= {MIN_BN}, got {BN}")
         if BW < L or BW & (BW - 1):
@@ -455,7 +458,8 @@ if HAS_TRITON:
         for "dot1"). ``out``: optional contiguous (M, N) result buffer. ``ws``/``counters``: the
         split-K workspace (:func:`workspace`; zero, and left zero); allocated per call when absent.
         ``config``: BN, BW, warps, per_sm, optional split (forced number of K splits), optional
-        prefetch ("fma": load the next step's words before decoding this step's).
+        prefetch ("fma": load the next step's words before decoding this step's), optional stages
+        (Triton's ``num_stages``: how deep its software pipeliner may prefetch loop loads).
         """
         M, N, G = check_gemv_args(x2d, words, E, in_features, plane_words, offsets)
         if variant not in VARIANTS:
@@ -492,6 +496,7 @@ if HAS_TRITON:
             return y
         if x2d.stride(1) != 1:
             x2d = x2d.contiguous()
+        stage_arg = {} if cfg.get("stages") is None else {"num_stages": cfg["stages"]}
         L, K, KW = plane_words, in_features, words.shape[1]
         even = KW % BW == 0 and K == TRITS_PER_WORD * KW  # no column of any step needs a mask
         n_blocks = triton.cdiv(N, BN)
@@ -507,13 +512,13 @@ if HAS_TRITON:
             _gemv2_fma_kernel[(M, n_blocks, split)](
                 x2d, words, E, off, y, ws, counters, N, K, KW, x2d.stride(0), KW // 8, y.stride(0), G, iters, split,
                 L=L, BN=BN, BW=BW, GP=triton.next_power_of_2(G), HAS_GROUPS=offsets is not None, SPLIT=split > 1,
-                EVEN=even, PREFETCH=bool(cfg.get("prefetch", False)), num_warps=warps)
+                EVEN=even, PREFETCH=bool(cfg.get("prefetch", False)), num_warps=warps, **stage_arg)
             return y
         pos, base = (5, 0x3F80) if x2d.dtype == torch.bfloat16 else (8, 0x3C00)  # top 2 mantissa bits of 1.0
         _gemv2_dot_kernel[(n_blocks, split)](
             x2d, words, E, y, ws, counters, M, N, K, KW, x2d.stride(0), KW // 8, y.stride(0), iters, split,
             L=L, BN=BN, BW=BW, MP=DECODE_MAX_M, PAIRS=variant == "dot", POS=pos, BASE=base, SPLIT=split > 1,
-            EVEN=even, UPCAST=interpreting(), num_warps=warps)
+            EVEN=even, UPCAST=interpreting(), num_warps=warps, **stage_arg)
         return y
 
 else:  # pragma: no cover - installs without Triton use the torch reference everywhere
