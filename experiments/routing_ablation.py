@@ -5,6 +5,9 @@
     (e) graph             the same router over codes of a frozen random projection (the default
                           since 2026-12-02: the codebook lives, so edges have codes to learn for)
         graph-random-reseed  (e) with dead codes re-seeded from a random sample of the batch
+        graph-1m-codes, graph-10m-codes  (e) with 2^20 and 10^7 codes (the default model's size):
+                          the report's last column is the codes hit in a re-seed window against
+                          the most a window can hit, min(codes, tokens in the window)
     (b) frozen            centroids only: the same candidates with every edge frozen neutral
     (c) topk              a plain top-k softmax router over the ternary centroids, Switch balance loss
         topk-float        the same router with a float weight (a model with float parameters: eager)
@@ -30,6 +33,8 @@ import sys
 
 from rule_study import ROUTING_COLUMNS, VARIANTS, run_cli
 
+from ternary_graph.config import SHARED_VQ_SIZE
+
 SMALL_RULE = VARIANTS["cool24-64"]
 
 
@@ -41,6 +46,8 @@ ROUTING_VARIANTS: dict[str, list[str]] = {
     "graph": _router("graph"),
     "graph-learned-vq": _router("graph", "--model", "vq_projection=learned"),
     "graph-random-reseed": _router("graph", "--model", "vq_reseed_from=random"),
+    "graph-1m-codes": _router("graph", "--model", f"codebook_size={1 << 20}"),
+    "graph-10m-codes": _router("graph", "--model", f"codebook_size={SHARED_VQ_SIZE}"),
     "frozen": _router("frozen"),
     "topk": _router("topk"),
     "topk-float": _router("topk-float", "--eager"),

@@ -170,7 +170,7 @@ def summarise(root: pathlib.Path, steps: int | None) -> dict[str, dict]:
             regressions.append(vals[-1] / min(vals) - 1.0)
             speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
             tok_s.append(statistics.median(speeds) if speeds else float("nan"))
-            health.append({**evals[-1].get("rule", {}), **_routing_health(evals[-1], records, _codebook_size(run))})
+            health.append({**evals[-1].get("rule", {}), **_routing_health(evals[-1], records, _codebook(run))})
             curves.append([(r["step"], r["val_bits_per_byte"]) for r in evals])
             done.append(steps is None or evals[-1]["step"] >= steps)
         if not finals:
@@ -185,15 +185,25 @@ def summarise(root: pathlib.Path, steps: int | None) -> dict[str, dict]:
     return out
 
 
-def _codebook_size(run: pathlib.Path) -> int | None:
+def _codebook(run: pathlib.Path) -> tuple[int | None, int | None]:
+    """(codes of the shared VQ, tokens its re-seed window sees) from a run's config.json: a window
+    is RESEED_WINDOW calls of batch_size x seq_len tokens each (every quantising layer calls once)."""
     path = run / "config.json"
-    return json.loads(path.read_text()).get("model", {}).get("codebook_size") if path.exists() else None
+    if not path.exists():
+        return None, None
+    from ternary_graph.nn.vq import RESEED_WINDOW  # the model's codebooks keep the default window
+
+    cfg = json.loads(path.read_text())
+    train = cfg.get("train", {})
+    window = RESEED_WINDOW * train["batch_size"] * train["seq_len"] if "batch_size" in train else None
+    return cfg.get("model", {}).get("codebook_size"), window
 
 
-def _routing_health(last_eval: dict, records: list[dict], codebook_size: int | None) -> dict:
+def _routing_health(last_eval: dict, records: list[dict], codebook: tuple[int | None, int | None]) -> dict:
     """Means over the MoE layers of the last evaluation's routing (code -> expert mutual
     information, largest / smallest expert share), the shared VQ's last live fraction (usage > 0)
-    and, once a re-seed check has run, the codes hit in the last window (1 - dead / codes)."""
+    and, once a re-seed check has run, the codes hit in the last window (1 - dead / codes), also
+    as a fraction of the most a window can hit, min(codes, tokens in the window)."""
     layers = list(last_eval.get("val_routing", {}).values())
     out = {}
     if layers:
@@ -202,8 +212,12 @@ def _routing_health(last_eval: dict, records: list[dict], codebook_size: int | N
     vq = [r["routing"]["shared_vq"] for r in records if "shared_vq" in r.get("routing", {})]
     if vq:
         out["vq_live_fraction"] = vq[-1]["live_fraction"]
+        codebook_size, window_tokens = codebook
         if codebook_size and vq[-1]["reseeded_total"] + vq[-1]["dead_codes"] > 0:  # else no check yet
-            out["vq_window_hit_fraction"] = 1.0 - vq[-1]["dead_codes"] / codebook_size
+            hit = codebook_size - vq[-1]["dead_codes"]
+            out["vq_window_hit_fraction"] = hit / codebook_size
+            if window_tokens:
+                out["vq_window_bound_fraction"] = hit / min(codebook_size, window_tokens)
     return out
 
 
@@ -218,7 +232,8 @@ RULE_COLUMNS = (("zero trits", "zero_fraction", "{:.3f}"), ("saturated acc", "sa
 ROUTING_COLUMNS = (("code→expert MI (bits)", "code_expert_mi_bits", "{:.3f}"),
                    ("max / min expert share", ("load_max_share", "load_min_share"), "{:.3f} / {:.3f}"),
                    ("shared-VQ live codes", "vq_live_fraction", "{:.1%}"),
-                   ("codes hit in the last window", "vq_window_hit_fraction", "{:.1%}"))
+                   ("codes hit in the last window", "vq_window_hit_fraction", "{:.1%}"),
+                   ("of min(codes, window tokens)", "vq_window_bound_fraction", "{:.1%}"))
 
 
 def _health_cell(health: dict, key, fmt: str) -> str:

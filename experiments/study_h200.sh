@@ -9,6 +9,8 @@
 #                                             # higher-θ rules (seed 0) at once; `wait` until they end, then
 #                                             # (and graph-learned-vq seed 0, issue 14's (a))
 #   bash experiments/study_h200.sh rule-small-best   # the best of them x seeds 1, 2
+#   bash experiments/study_h200.sh codes-large  # issue 14: 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 1, 2,
+#                                               # graph-random-reseed seeds 0, 1 (6 small runs)
 #   bash experiments/study_h200.sh finish     # wait, pack reports + run logs in one tarball, GEMV sweep
 #   bash experiments/study_h200.sh routing    # issue 14: small ablation, graph/frozen/topk/hash seed 0 and
 #                                             # graph seeds 1, 2 at once (6 small runs of 50M tokens fill
@@ -100,6 +102,15 @@ case "${1:-wait}" in
         launch routing_a routing_ablation.py run "${ROUTING[@]}" --variants graph-learned-vq --seeds 0 --parallel 1
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
+    codes-large)  # issue 14 at 2^20 and 10^7 codes, with (a) seeds 1, 2 and random re-seeding seeds 0, 1 beside
+        device_info
+        launch routing_large routing_ablation.py run "${ROUTING[@]}" --variants graph-1m-codes,graph-10m-codes \
+            --seeds 0 --parallel 2
+        launch routing_more routing_ablation.py run "${ROUTING[@]}" --variants graph-learned-vq --seeds 1,2 --parallel 2
+        launch routing_reseed routing_ablation.py run "${ROUTING[@]}" --variants graph-random-reseed --seeds 0,1 \
+            --parallel 2
+        WAIT_S=$((WAIT_S - SECONDS)) wait_all
+        ;;
     finish)  # after the runs: wait for them, pack reports and logs into one tarball, then the GEMV sweep on an idle GPU
         wait_all
         final="$OUT"; OUT="$STUDY/reports"; mkdir -p "$OUT"; report > "$OUT/report.log" 2>&1; OUT="$final"
@@ -137,7 +148,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|codes-large|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv

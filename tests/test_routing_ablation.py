@@ -21,7 +21,9 @@ def _main(*argv: str) -> int:
 
 
 def test_unknown_variant_is_refused_listing_the_valid_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown --variants \['switch'\]; valid: graph, graph-learned-vq, graph-random-reseed, frozen, topk, topk-float, hash"):
+    valid = ("graph, graph-learned-vq, graph-random-reseed, graph-1m-codes, graph-10m-codes, frozen, topk, "
+             "topk-float, hash")
+    with pytest.raises(ValueError, match=r"unknown --variants \['switch'\]; valid: " + valid):
         _main("run", "--root", str(tmp_path), "--variants", "graph,switch", "--device", "cpu")
     assert not any(tmp_path.iterdir()), "nothing is launched when one name is wrong"
 
@@ -39,8 +41,8 @@ def test_one_run_reports_mutual_information_load_and_live_codes(tmp_path, capsys
     capsys.readouterr()
     assert _main("report", "--root", str(root), "--steps", "3", "--out", str(tmp_path / "out")) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| frozen")][0]
-    mi, shares, live, window = row.split(" | ")[7:11]
-    assert window == "-"  # 3 steps: no re-seed check has run, so no window count yet
+    mi, shares, live, window, bound = row.split(" | ")[7:12]
+    assert window == bound == "-"  # 3 steps: no re-seed check has run, so no window count yet
     assert 0.0 <= float(mi) <= 2.0  # log2(4 experts) bounds it
     high, low = (float(v) for v in shares.split(" / "))  # "max / min"
     assert 0.0 <= high <= 1.0 and 0.0 <= low <= high
@@ -48,14 +50,23 @@ def test_one_run_reports_mutual_information_load_and_live_codes(tmp_path, capsys
     assert (tmp_path / "out" / "ablation.md").read_text().startswith("| variant")
 
 
-def test_codes_hit_in_the_last_window_come_from_dead_codes_and_the_codebook_size(tmp_path, capsys):
+@pytest.mark.parametrize("codes,batch,seq_len,dead,cells", [
+    # 64 codes, windows of 100 x 2 x 8 tokens: the bound is the codebook
+    (64, 2, 8, 16, ["50.0%", "75.0%", "75.0%"]),
+    # a million codes and windows of 100 x 4 x 1000 = 400,000 tokens: the bound is the tokens
+    (1_000_000, 4, 1000, 800_000, ["50.0%", "20.0%", "50.0%"]),
+])
+def test_codes_hit_in_the_last_window_come_from_dead_codes_and_the_run_config(tmp_path, capsys, codes, batch, seq_len,
+                                                                              dead, cells):
     run = tmp_path / "ablation" / "graph-s0"
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"model": {"codebook_size": 64}}))
-    vq = {"perplexity": 9.0, "live_fraction": 0.5, "dead_codes": 16, "reseeded_total": 20}
+    (run / "config.json").write_text(json.dumps({"model": {"codebook_size": codes},
+                                                 "train": {"batch_size": batch, "seq_len": seq_len}}))
+    vq = {"perplexity": 9.0, "live_fraction": 0.5, "dead_codes": dead, "reseeded_total": 20}
     records = [{"step": 100, "tokens_per_s": 10.0, "routing": {"shared_vq": vq}},
                {"step": 100, "val_bits_per_byte": 2.0, "routing": {"shared_vq": vq}}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert _main("report", "--root", str(run.parent), "--steps", "100", "--baseline", "graph") == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| graph")][0]
-    assert row.split(" | ")[9:11] == ["50.0%", "75.0%"]  # live (usage > 0), then 1 - 16 / 64
+    # live (usage > 0), then 1 - dead / codes, then hit / min(codes, RESEED_WINDOW x batch x seq_len)
+    assert row.split(" | ")[9:12] == cells

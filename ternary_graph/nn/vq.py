@@ -63,6 +63,9 @@ class VQOutput(NamedTuple):
     commitment_loss: torch.Tensor
 
 
+RESEED_WINDOW = 100  # training calls between re-seed checks, unless a codebook is given another
+
+
 @dataclass(frozen=True)
 class VQStats:
     """Statistics of a codebook (see :meth:`TernaryVQCodebook.stats`)."""
@@ -167,7 +170,7 @@ class TernaryVQCodebook(nn.Module):
     reseeded_total: torch.Tensor
 
     def __init__(self, num_codes: int, dim: int, *, commitment_weight: float = 0.25,
-                 reseed_window: int = 100, usage_decay_interval: int = 100,
+                 reseed_window: int = RESEED_WINDOW, usage_decay_interval: int = 100,
                  init_scale: float | None = None, zero_fraction: float | None = None,
                  precision: str = "bf16x2", input_norm: float | None = None, reseed_from: str = "worst",
                  device: torch.device | str | None = None, generator: torch.Generator | None = None) -> None:
