@@ -12,6 +12,8 @@
 #   bash experiments/study_h200.sh codes-large  # issue 14: 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 1, 2,
 #                                               # graph-random-reseed seeds 0, 1 (6 small runs)
 #   bash experiments/study_h200.sh finish     # wait, pack reports + run logs in one tarball, GEMV sweep
+#   bash experiments/study_h200.sh gemv-and-old  # CUDA tests and sweep of the decode GEMVs, then `old` seeds 1, 2
+#                                                # at small (two runs alone on the GPU: ~400 s)
 #   bash experiments/study_h200.sh routing    # issue 14: small ablation, graph/frozen/topk/hash seed 0 and
 #                                             # graph seeds 1, 2 at once (6 small runs of 50M tokens fill
 #                                             # one session's device time); the CUDA router-capture tests
@@ -111,6 +113,23 @@ case "${1:-wait}" in
             --parallel 2
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
+    gemv-and-old)  # the decode GEMVs (CUDA tests of "i8", then the sweep) on an idle GPU; then `old` seeds 1, 2
+        device_info
+        timeout 90 python3 -m pytest tests/test_ternary_gemv.py -m cuda -k "i8" -q -p no:cacheprovider \
+            > "$OUT/pytest_gemv_cuda.log" 2>&1
+        tail -5 "$OUT/pytest_gemv_cuda.log"
+        timeout 120 python3 experiments/bench_decode.py --out "$OUT" --skip-models --shapes 8192x8192 --budget-s 100 \
+            2>&1 | grep -E "^ *(gemv|small M|experts) |^kernel|SASS|^best|FAILED|WRONG" | tail -60
+        launch small_old rule_study.py run "${SMALL[@]}" --variants old --seeds 1,2 --parallel 2
+        sleep 20
+        WAIT_S=$((570 - SECONDS)) wait_all
+        mkdir -p "$STUDY/reports"
+        python3 experiments/rule_study.py report --root "$STUDY/small" --steps 3052 --out "$STUDY/reports" \
+            --name rule_study_small_old 2>&1 | tail -5
+        (cd "$STUDY" && find . -name config.json -o -name metrics.jsonl -o -name train.log -o -name 'launch_*.log' \
+            -o -path './reports/*' | tar czf "$OUT/study_old.tar.gz" -T -)
+        exit 0
+        ;;
     finish)  # after the runs: wait for them, pack reports and logs into one tarball, then the GEMV sweep on an idle GPU
         wait_all
         final="$OUT"; OUT="$STUDY/reports"; mkdir -p "$OUT"; report > "$OUT/report.log" 2>&1; OUT="$final"
@@ -148,7 +167,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|codes-large|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv

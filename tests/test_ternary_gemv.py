@@ -21,6 +21,7 @@ from conftest import dequantized, interpreting, run_interpreter_suite
 
 from ternary_graph.kernels import ternary_gemv as tg
 from ternary_graph.ternary.packing import pack_trits, random_packed, unpack_trits
+from ternary_graph.ternary.state import exponent_to_scale
 
 BACKENDS = [pytest.param("interpreter", marks=pytest.mark.interpreter), pytest.param("cuda", marks=pytest.mark.cuda)]
 # (N, K, plane_words): K not a multiple of 5 or 16; 256 with L = 8 is the unmasked ("EVEN") path;
@@ -123,6 +124,49 @@ def test_reference_equals_dequantized_oracle(n, k, plane_words, gen):
     torch.testing.assert_close(y[2:], _oracle(x[2:], stack[2 * n:], E3[2 * n:], k))
 
 
+def _unpack_x16(q: dict, k: int, plane_words: int) -> torch.Tensor:
+    """Per-column 16-bit activations back out of pack_x16's words (the byte order of its docstring)."""
+    L = plane_words
+    M, KQ = q["hi"].shape
+    x16 = torch.zeros(M, KQ * 4, dtype=torch.int64)
+    for word in range(KQ):
+        b, j, c = word // (4 * L), (word // L) % 4, word % L
+        for i in range(4):
+            hi = (q["hi"][:, word].long() >> (8 * i)) & 0xFF
+            lo = (q["lo"][:, word].long() >> (8 * i)) & 0xFF
+            x16[:, b * 16 * L + (4 * i + j) * L + c] = 256 * (hi - 256 * (hi >= 128)) + lo
+    return x16[:, :k]
+
+
+@pytest.mark.parametrize("k,plane_words", [(5, 8), (130, 8), (515, 16), (1003, 32)])
+def test_x16_words_hold_each_column_where_the_docstring_says(k, plane_words, gen):
+    x = torch.randn(3, k, generator=gen)
+    x[1] *= 1e-3  # a row scale of its own
+    q = tg.pack_x16(x, k, plane_words)
+    x16 = _unpack_x16(q, k, plane_words)
+    assert int(x16.abs().max()) == tg.X16_MAX  # each row's absmax maps to the top of the range
+    assert torch.equal(q["xsum"].long(), x16.sum(dim=1))
+    # round to nearest: within half a unit, plus the fp32 rounding of sx and 1/sx (X16_MAX·2^-23 units)
+    assert ((x16.double() * q["sx"].double()[:, None] - x.double()).abs() <= q["sx"].double()[:, None] * 0.51).all()
+    assert torch.equal(_unpack_x16(tg.pack_x16(torch.zeros(2, k), k, plane_words), k, plane_words),
+                       torch.zeros(2, k, dtype=torch.int64))  # all-zero rows stay zero (no 0/0)
+
+
+@pytest.mark.parametrize("n,k,plane_words", SHAPES)
+def test_x16_reference_is_within_its_rounding_bound_of_the_float_one(n, k, plane_words, gen):
+    packed, E = _weights(n, k, gen)
+    words = tg.pack_2bit(packed, k, plane_words=plane_words)
+    x = torch.randn(4, k, generator=gen, dtype=torch.float64)
+    y16 = tg.gemv_x16_reference(x, words, E, k, plane_words)
+    y = tg.gemv_2bit_reference(x, words, E, k, plane_words)
+    _, sx = tg._x16(x)
+    # each activation is off by at most sx/2, so an output by at most sx/2 · Σ|t| · its row scale
+    nonzero = unpack_trits(packed, k).double().abs().sum(dim=1)
+    bound = sx.double()[:, None] / 2 * (nonzero * exponent_to_scale(E, torch.float64))[None, :]
+    assert ((y16 - y).abs() <= bound * 1.0001 + 1e-12).all()
+    assert (y16 - y).abs().max() > 0  # the fixed point is not the float product
+
+
 def test_bad_input_is_refused_naming_the_argument(gen):
     packed, E = _weights(4, 40, gen)
     words = tg.pack_2bit(packed, 40, plane_words=8)
@@ -160,6 +204,10 @@ def test_bad_input_is_refused_naming_the_argument(gen):
         tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(BN=8))
     with pytest.raises(ValueError, match="config BW must be a power of two >= plane_words=8, got 4"):
         tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(BW=4))
+    with pytest.raises(ValueError, match="variant='i8' needs bfloat16/float16 x"):
+        tg.gemv_2bit_triton(x, words, E, 40, 8, variant="i8")
+    with pytest.raises(ValueError, match="variant='i8' takes one group"):
+        tg.gemv_2bit_triton(x.bfloat16(), words, E, 40, 8, variant="i8", offsets=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="config stages must be a positive int .* got 0"):
         tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(stages=0))
     with pytest.raises(ValueError, match="out must be a contiguous"):
@@ -221,6 +269,21 @@ def test_dot_kernels_match_reference(backend, n, k, plane_words, m, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,k,plane_words", SHAPES)
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_i8_kernel_matches_its_fixed_point_reference(backend, n, k, plane_words, m, dtype, gen):
+    device = _device(backend)
+    packed, E = _weights(n, k, gen, device)
+    words = tg.pack_2bit(packed, k, plane_words=plane_words)
+    x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    ref = tg.gemv_x16_reference(x, words, E, k, plane_words)  # integer products: exact up to the output rounding
+    for cfg in _splits(plane_words) if m == 1 else _splits(plane_words)[1::2]:
+        y = _run("i8", x, words, E, k, plane_words, {k: v for k, v in cfg.items() if k != "prefetch"})
+        torch.testing.assert_close(y, ref, **_tolerance(dtype, ref), msg=lambda s: f"{cfg}: {s}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_float16_every_variant(backend, gen):
     device = _device(backend)
     n, k, L = 20, 515, 16
@@ -228,9 +291,11 @@ def test_float16_every_variant(backend, gen):
     words = tg.pack_2bit(packed, k, plane_words=L)
     x = torch.randn(4, k, generator=gen).to(device=device, dtype=torch.float16)
     ref = tg.gemv_2bit_reference(x, words, E, k, L)
-    for variant in ("fma", "dot", "dot1", "auto"):
+    ref16 = tg.gemv_x16_reference(x, words, E, k, L)  # "i8" multiplies by x in 16-bit fixed point
+    for variant in ("fma", "dot", "dot1", "i8", "auto"):
         y = _run(variant, x, words, E, k, L, dict(BN=16, BW=16, split=2))
-        torch.testing.assert_close(y, ref, **_tolerance(torch.float16, ref), msg=lambda s: f"{variant}: {s}")
+        want = ref16 if variant == "i8" else ref
+        torch.testing.assert_close(y, want, **_tolerance(torch.float16, want), msg=lambda s: f"{variant}: {s}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -356,10 +421,12 @@ def test_cuda_untuned_shapes_every_variant(n, k, dtype, gen):
     for m in (1, 4, 16):
         x = torch.randn(m, k, generator=gen).to(device="cuda", dtype=dtype)
         ref = tg.gemv_2bit_reference(x, copy.words, copy.E, k, copy.plane_words)
-        variants = ["auto", "fma"] + (["dot"] + (["dot1"] if copy.plane_words >= 16 else []) if dtype != torch.float32 else [])
+        variants = ["auto", "fma"] + (["dot", "i8"] + (["dot1"] if copy.plane_words >= 16 else [])
+                                      if dtype != torch.float32 else [])
         for variant in variants:
             y = _run(variant, x, copy.words, copy.E, k, copy.plane_words, None, ws=copy.ws, counters=copy.counters)
-            torch.testing.assert_close(y, ref, **_tolerance(dtype, ref), msg=lambda s: f"m={m} {variant}: {s}")
+            want = tg.gemv_x16_reference(x, copy.words, copy.E, k, copy.plane_words) if variant == "i8" else ref
+            torch.testing.assert_close(y, want, **_tolerance(dtype, want), msg=lambda s: f"m={m} {variant}: {s}")
         assert not copy.ws.any() and not copy.counters.any()
 
 

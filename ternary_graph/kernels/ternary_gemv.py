@@ -57,7 +57,7 @@ TRITS_PER_WORD = 16
 PLANE_WORD_CHOICES = (32, 16, 8)  # tried largest first by choose_plane_words
 DECODE_MAX_M = 16  # activation rows the decode path takes (the layers fall back above it)
 MIN_BN = 16  # smallest row block of any kernel: the split-K counters are sized for it
-VARIANTS = ("auto", "fma", "dot", "dot1")
+VARIANTS = ("auto", "fma", "dot", "dot1", "i8")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Which kernel "auto" takes, from experiments/bench_decode.py on the H200 (docs/kernels.md): at
 # M = 1 "fma" (1.43-2.01x bf16); for 2 <= M <= 16 with 16-bit activations and one group "dot1"
@@ -67,6 +67,9 @@ DEFAULT_SMALL_M = "dot1"
 # BN rows x BW words per step, warps, and the split-K target: programs per SM.
 FMA_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=8)
 DOT_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)
+I8_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=8)
+X16_MAX = 32767  # "i8": activations as 16-bit fixed point, x ≈ sx · (256·hi + lo), |256·hi + lo| <= X16_MAX
+X16_ABSMAX_FLOOR = 2.0 ** -100  # keeps X16_MAX / absmax finite (all-zero rows quantise to zeros, not NaN)
 _CHUNK_ELEMENTS = 1 << 22  # trits repacked per step by pack_2bit (bounds its int64 temporaries)
 
 
@@ -171,6 +174,54 @@ def gemv_2bit_reference(x2d: torch.Tensor, words: torch.Tensor, E: torch.Tensor,
         rows = slice(g * N, (g + 1) * N)
         y[a:b] = ((x2d[a:b].to(cdt) @ trits[rows].T) * scale[rows]).to(x2d.dtype)
     return y
+
+
+def _x16(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row 16-bit fixed point: (x16 int32 (M, K), sx float32 (M,)) with x ≈ sx·x16; rounds
+    half away from zero, as the kernel does."""
+    xf = x2d.float()
+    absmax = xf.abs().amax(dim=1).clamp_min(X16_ABSMAX_FLOOR)
+    inv = X16_MAX / absmax
+    v = xf * inv[:, None]
+    x16 = torch.where(v >= 0, v + 0.5, v - 0.5).to(torch.int32).clamp_(-X16_MAX, X16_MAX)
+    return x16, absmax / X16_MAX
+
+
+def pack_x16(x2d: torch.Tensor, in_features: int, plane_words: int) -> dict[str, torch.Tensor]:
+    """The "i8" variant's activations: 16-bit fixed point split into signed high and unsigned low
+    bytes, four per int32 word in the byte order the 2-bit words decode in.
+
+    Word ``q = b·4L + j·L + c`` of a row holds, in byte ``i``, column ``b·16L + (4i + j)·L + c``:
+    the column of field ``4i + j`` of word c of block b, which ``(w >> 2j) & 0x03030303`` puts in
+    byte i. So one dp4a of the two words multiplies four trits by their four activations.
+
+    Shapes: x2d (M, K) -> hi, lo (M, 4·KW) int32, sx (M,) float32, xsum (M,) int32 (Σ of x16).
+    """
+    _check_plane_words(plane_words)
+    L = plane_words
+    KW = words_per_row(in_features, L)
+    x16, sx = _x16(x2d)
+    M = x2d.shape[0]
+    cols = torch.nn.functional.pad(x16, (0, KW * TRITS_PER_WORD - in_features))  # zeros up to the block end
+    f = cols.view(M, KW // L, 4, 4, L)  # (row, block, byte i, j, c): column b·16L + (4i + j)·L + c
+    hi = torch.zeros(M, KW // L, 4, L, dtype=torch.int64, device=x2d.device)
+    lo = torch.zeros_like(hi)
+    for i in range(4):
+        v = f[:, :, i].to(torch.int64)
+        hi |= ((v >> 8) & 0xFF) << (8 * i)
+        lo |= (v & 0xFF) << (8 * i)
+    as_i32 = lambda w: (w - ((w >> 31) & 1) * (1 << 32)).reshape(M, 4 * KW).to(torch.int32)  # noqa: E731
+    return dict(hi=as_i32(hi), lo=as_i32(lo), sx=sx, xsum=x16.sum(dim=1, dtype=torch.int64).to(torch.int32))
+
+
+def gemv_x16_reference(x2d: torch.Tensor, words: torch.Tensor, E: torch.Tensor, in_features: int,
+                       plane_words: int) -> torch.Tensor:
+    """Oracle of the "i8" variant: the exact product of the trits with the fixed-point activations,
+    ``sx · Σ t·x16``, scaled per row. Shapes: x2d (M, K), words (N, KW), E (N,) -> (M, N) in x2d's dtype."""
+    x16, sx = _x16(x2d)
+    trits = unpack_2bit(words, in_features, plane_words).to(torch.float64)
+    y = (x16.to(torch.float64) @ trits.T) * sx.double()[:, None] * exponent_to_scale(E, torch.float64)
+    return y.to(x2d.dtype)
 
 
 def check_gemv_args(x2d: torch.Tensor, words: torch.Tensor, E: torch.Tensor, in_features: int, plane_words: int,
@@ -392,6 +443,103 @@ if HAS_TRITON:
         _finish(part, scale[:, None], y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None],
                 ws_ptr + offs_m[None, :] * N + offs_n[:, None], mask, cnt_ptr + pid_n, n_split, SPLIT)
 
+    @triton.jit
+    def _dp4a(a, b, c, B_SIGNED: tl.constexpr, ASM: tl.constexpr):
+        """``c + Σ_i byte_i(a)·byte_i(b)`` per element (a's bytes unsigned; b's signed or not): one
+        dp4a on the GPU, shifts and masks in the interpreter (which cannot run PTX)."""
+        if ASM:
+            if B_SIGNED:
+                r = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                              dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                r = tl.inline_asm_elementwise("dp4a.u32.u32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                              dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            r = c
+            for i in tl.static_range(4):
+                if B_SIGNED:
+                    bi = (b << (24 - 8 * i)) >> 24  # arithmetic shift: the signed byte
+                else:
+                    bi = (b >> (8 * i)) & 0xFF
+                r += ((a >> (8 * i)) & 0xFF) * bi
+        return r
+
+    @triton.jit(do_not_specialize=["K", "KQ", "stride_xm"])
+    def _pack_x16_kernel(x_ptr, hi_ptr, lo_ptr, sx_ptr, xs_ptr, K, KQ, stride_xm, L: tl.constexpr,
+                         BQ: tl.constexpr):
+        """One program per activation row: absmax, then the packed words of :func:`pack_x16`."""
+        m = tl.program_id(0)
+        x_row = x_ptr + m.to(tl.int64) * stride_xm
+        absmax = tl.zeros((BQ,), dtype=tl.float32)
+        for k0 in range(0, K, BQ):
+            cols = k0 + tl.arange(0, BQ)
+            absmax = tl.maximum(absmax, tl.abs(tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)))
+        amax = tl.maximum(tl.max(absmax, axis=0), 7.888609052210118e-31)  # X16_ABSMAX_FLOOR
+        inv = 32767.0 / amax
+        xsum = tl.zeros((BQ,), dtype=tl.int32)
+        for q0 in range(0, KQ, BQ):
+            q = q0 + tl.arange(0, BQ)
+            base = (q // (4 * L)) * (16 * L) + ((q // L) % 4) * L + q % L  # column of byte 0
+            hi = tl.zeros((BQ,), dtype=tl.int32)
+            lo = tl.zeros((BQ,), dtype=tl.int32)
+            for i in tl.static_range(4):
+                cols = base + 4 * i * L
+                v = tl.load(x_row + cols, mask=(cols < K) & (q < KQ), other=0.0).to(tl.float32) * inv
+                x16 = tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
+                x16 = tl.minimum(tl.maximum(x16, -32767), 32767)
+                xsum += x16
+                hi = hi | (((x16 >> 8) & 0xFF) << (8 * i))
+                lo = lo | ((x16 & 0xFF) << (8 * i))
+            tl.store(hi_ptr + m * KQ + q, hi, mask=q < KQ)
+            tl.store(lo_ptr + m * KQ + q, lo, mask=q < KQ)
+        tl.store(sx_ptr + m, amax / 32767.0)
+        tl.store(xs_ptr + m, tl.sum(xsum, axis=0))
+
+    @triton.jit(do_not_specialize=["N", "KW", "stride_w8", "stride_ym", "iters", "n_split"])
+    def _gemv2_i8_kernel(hi_ptr, lo_ptr, sx_ptr, xs_ptr, w_ptr, e_ptr, y_ptr, ws_ptr, cnt_ptr, N, KW, stride_w8,
+                         stride_ym, iters, n_split, L: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
+                         SPLIT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+        m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        rows = offs_n.to(tl.int64)
+        w_rows = w_ptr + rows[:, None] * (stride_w8 * 8)  # see _gemv2_fma_kernel: 32-byte aligned rows
+        offs_w = tl.arange(0, BW)
+        q_base = (offs_w // L) * (4 * L) + offs_w % L  # the x word of byte group j = 0 of each word column
+        KQ = 4 * KW
+        hi_row = hi_ptr + m.to(tl.int64) * KQ
+        lo_row = lo_ptr + m.to(tl.int64) * KQ
+        w_start = pid_k * (iters * BW)
+        n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
+        acc_hi = tl.zeros((BN, BW), dtype=tl.int32)  # Σ d·hi, exact
+        acc_lo = tl.zeros((BN, BW), dtype=tl.int32)  # Σ d·lo, exact
+        for it in range(0, n_it):
+            w0 = w_start + it * BW
+            wi = w0 + offs_w
+            if EVEN:
+                wd = tl.load(w_rows + wi[None, :], mask=n_ok[:, None], other=0)
+            else:
+                wd = tl.load(w_rows + wi[None, :], mask=n_ok[:, None] & (wi[None, :] < KW), other=0)
+            q = (w0 // L) * (4 * L) + q_base
+            for j in tl.static_range(4):
+                a = (wd >> (2 * j)) & 0x03030303  # fields 4i + j in byte i: d = 0, 1, 2
+                if EVEN:
+                    xh = tl.load(hi_row + q + j * L)
+                    xl = tl.load(lo_row + q + j * L)
+                else:
+                    xh = tl.load(hi_row + q + j * L, mask=wi < KW, other=0)
+                    xl = tl.load(lo_row + q + j * L, mask=wi < KW, other=0)
+                acc_hi = _dp4a(a, tl.broadcast_to(xh[None, :], (BN, BW)), acc_hi, True, ASM)
+                acc_lo = _dp4a(a, tl.broadcast_to(xl[None, :], (BN, BW)), acc_lo, False, ASM)
+        # Σ t·x16 = 256·Σ d·hi + Σ d·lo - Σ x16 (t = d - 1); the row's Σ x16 is taken once, by pid_k 0
+        total = 256.0 * tl.sum(acc_hi, axis=1).to(tl.float32) + tl.sum(acc_lo, axis=1).to(tl.float32)
+        total -= tl.where(pid_k == 0, tl.load(xs_ptr + m).to(tl.float32), 0.0)
+        scale = _row_scale(tl.load(e_ptr + rows, mask=n_ok, other=0)) * tl.load(sx_ptr + m)
+        _finish(total, scale, y_ptr + m * stride_ym + offs_n, ws_ptr + m * N + offs_n, n_ok,
+                cnt_ptr + m * tl.num_programs(1) + pid_n, n_split, SPLIT)
+
     _SM_COUNT: dict = {}
 
     def _sm_count(device: torch.device) -> int:
@@ -455,7 +603,8 @@ if HAS_TRITON:
             returns: (M, N) in x2d's dtype
         ``variant``: "auto" (M == 1 or groups or fp32: DEFAULT_M1 / "fma", else DEFAULT_SMALL_M),
         "fma", "dot" or "dot1" (the dot variants: M <= 16, 16-bit x, no groups, plane_words >= 16
-        for "dot1"). ``out``: optional contiguous (M, N) result buffer. ``ws``/``counters``: the
+        for "dot1"), or "i8" (16-bit x, no groups: x as 16-bit fixed point, two dp4a per four trits;
+        its error against the float product is that of the fixed point, ~1e-5 of the output). ``out``: optional contiguous (M, N) result buffer. ``ws``/``counters``: the
         split-K workspace (:func:`workspace`; zero, and left zero); allocated per call when absent.
         ``config``: BN, BW, warps, per_sm, optional split (forced number of K splits), optional
         prefetch ("fma": load the next step's words before decoding this step's), optional stages
@@ -467,16 +616,18 @@ if HAS_TRITON:
         if variant == "auto":
             small = 1 < M <= DECODE_MAX_M and offsets is None and x2d.dtype != torch.float32
             variant = DEFAULT_SMALL_M if small else DEFAULT_M1
+        if variant in ("dot", "dot1", "i8") and x2d.dtype == torch.float32:
+            raise ValueError(f"variant={variant!r} needs bfloat16/float16 x, got {x2d.dtype}; use variant='fma'")
+        if variant == "i8" and offsets is not None:
+            raise ValueError("variant='i8' takes one group (offsets=None); use variant='fma'")
         if variant in ("dot", "dot1"):
             if M > DECODE_MAX_M:
                 raise ValueError(f"variant={variant!r} takes at most {DECODE_MAX_M} rows of x, got M={M}")
             if offsets is not None:
                 raise ValueError(f"variant={variant!r} takes one group (offsets=None); use variant='fma'")
-            if x2d.dtype == torch.float32:
-                raise ValueError(f"variant={variant!r} needs bfloat16/float16 x, got {x2d.dtype}; use variant='fma'")
             if variant == "dot1" and plane_words < 16:
                 raise ValueError(f"variant='dot1' needs plane_words >= 16 (a dot of K >= 16), got {plane_words}")
-        cfg = dict(FMA_CONFIG if variant == "fma" else DOT_CONFIG) | (config or {})
+        cfg = dict({"fma": FMA_CONFIG, "i8": I8_CONFIG}.get(variant, DOT_CONFIG)) | (config or {})
         BN, BW, warps = _block_config(cfg, plane_words)
         if not words.is_contiguous():
             raise ValueError(f"words must be contiguous, got strides {words.stride()}")
@@ -500,7 +651,7 @@ if HAS_TRITON:
         L, K, KW = plane_words, in_features, words.shape[1]
         even = KW % BW == 0 and K == TRITS_PER_WORD * KW  # no column of any step needs a mask
         n_blocks = triton.cdiv(N, BN)
-        split, iters = _split(n_blocks * (M if variant == "fma" else 1), KW, BW, x2d.device, cfg)
+        split, iters = _split(n_blocks * (M if variant in ("fma", "i8") else 1), KW, BW, x2d.device, cfg)
         if split > 1:
             if ws is None or counters is None:
                 ws, counters = workspace(M, N, x2d.device)
@@ -513,6 +664,16 @@ if HAS_TRITON:
                 x2d, words, E, off, y, ws, counters, N, K, KW, x2d.stride(0), KW // 8, y.stride(0), G, iters, split,
                 L=L, BN=BN, BW=BW, GP=triton.next_power_of_2(G), HAS_GROUPS=offsets is not None, SPLIT=split > 1,
                 EVEN=even, PREFETCH=bool(cfg.get("prefetch", False)), num_warps=warps, **stage_arg)
+            return y
+        if variant == "i8":
+            xq = torch.empty(2 * M * 4 * KW + 2 * M, dtype=torch.int32, device=x2d.device)
+            hi, lo = xq[:M * 4 * KW], xq[M * 4 * KW:2 * M * 4 * KW]
+            sx, xs = xq[2 * M * 4 * KW:2 * M * 4 * KW + M].view(torch.float32), xq[2 * M * 4 * KW + M:]
+            _pack_x16_kernel[(M,)](x2d, hi, lo, sx, xs, K, 4 * KW, x2d.stride(0), L=L, BQ=1024, num_warps=4)
+            _gemv2_i8_kernel[(M, n_blocks, split)](
+                hi, lo, sx, xs, words, E, y, ws, counters, N, KW, KW // 8, y.stride(0), iters, split,
+                L=L, BN=BN, BW=BW, SPLIT=split > 1, EVEN=KW % BW == 0, ASM=not interpreting(), num_warps=warps,
+                **stage_arg)
             return y
         pos, base = (5, 0x3F80) if x2d.dtype == torch.bfloat16 else (8, 0x3C00)  # top 2 mantissa bits of 1.0
         _gemv2_dot_kernel[(n_blocks, split)](
