@@ -64,6 +64,9 @@ FMA_CONFIGS = [dict(BN=64, BW=32, warps=4, per_sm=8), dict(BN=64, BW=32, warps=4
                dict(BN=64, BW=32, warps=4, split=2, prefetch=True), dict(BN=64, BW=32, warps=4, split=4, prefetch=True),
                dict(BN=64, BW=32, warps=4, per_sm=8, stages=1), dict(BN=64, BW=32, warps=4, per_sm=8, stages=4),
                dict(BN=64, BW=32, warps=4, split=1, stages=4), dict(BN=64, BW=32, warps=4, split=4, stages=4),
+               # registers capped (168 by default: 3 programs of 4 warps per SM), so more programs fit
+               dict(BN=64, BW=32, warps=4, per_sm=8, maxnreg=128), dict(BN=64, BW=32, warps=4, per_sm=8, maxnreg=96),
+               dict(BN=64, BW=32, warps=4, per_sm=8, maxnreg=80), dict(BN=32, BW=32, warps=2, per_sm=16, maxnreg=96),
                # more rows per thread (each activation load feeds more FMAs), 4 warps
                dict(BN=128, BW=32, warps=4, per_sm=4),
                dict(BN=128, BW=32, warps=4, per_sm=4, prefetch=True)]
@@ -74,7 +77,8 @@ DOT_CONFIGS = [("dot", dict(BN=64, BW=32, warps=4, per_sm=4)), ("dot", dict(BN=1
 I8_CONFIGS = [("i8", dict(BN=64, BW=32, warps=4, per_sm=8)), ("i8", dict(BN=64, BW=32, warps=4, per_sm=4)),
               ("i8", dict(BN=128, BW=32, warps=4, per_sm=4)), ("i8", dict(BN=32, BW=32, warps=2, per_sm=8)),
               ("i8", dict(BN=64, BW=32, warps=4, per_sm=16)), ("i8", dict(BN=64, BW=64, warps=4, per_sm=4)),
-              ("i8", dict(BN=64, BW=32, warps=4, split=1)), ("i8", dict(BN=64, BW=32, warps=4, per_sm=8, stages=4))]
+              ("i8", dict(BN=64, BW=32, warps=4, split=1)), ("i8", dict(BN=64, BW=32, warps=4, per_sm=8, stages=4)),
+              ("i8", dict(BN=64, BW=32, warps=4, per_sm=8, maxnreg=96))]
 SMALL_M = (2, 4, 8, 16)
 EXPERTS = ((2048, 2240), (1120, 2048))  # default_3b: gate_up and down of each of 16 experts
 PRESETS = (("small", 64), ("default_3b", 32))  # preset, new tokens decoded
@@ -114,6 +118,8 @@ def cfg_name(variant: str, cfg: dict | None) -> str:
         parts.append("pf")
     if cfg.get("stages") is not None:
         parts.append(f"st{cfg['stages']}")
+    if cfg.get("maxnreg") is not None:
+        parts.append(f"r{cfg['maxnreg']}")
     return f"{variant}/{'/'.join(parts)}"
 
 
@@ -603,11 +609,12 @@ def kernel_report(b: Bench) -> None:
                 try:
                     sass = k.asm["sass"]
                     ops = Counter()
-                    for line in sass.splitlines():
-                        tokens = line.replace("{", " ").split()
-                        if len(tokens) > 2 and tokens[0].startswith("/*") and tokens[0].endswith("*/"):
-                            op = tokens[2] if tokens[1].startswith("@") else tokens[1]
-                            ops[op.split(".")[0]] += 1
+                    for line in sass.splitlines():  # triton.tools.disasm: "<control bits>\t<instruction>;"
+                        tokens = line.split("\t", 1)[-1].split() if "\t" in line else []
+                        if tokens and tokens[0].startswith("@"):
+                            tokens = tokens[1:]
+                        if tokens:
+                            ops[tokens[0].rstrip(";").split(".")[0]] += 1
                     mix = " ".join(f"{op}:{n}" for op, n in ops.most_common(14))
                 except Exception as exc:  # nvdisasm may be absent: the rest of the row still says a lot
                     mix = f"(no SASS: {type(exc).__name__}: {str(exc)[:80]})"

@@ -578,9 +578,12 @@ if HAS_TRITON:
 
     def _block_config(cfg: dict, L: int) -> tuple[int, int, int]:
         BN, BW, warps = int(cfg["BN"]), int(cfg["BW"]), int(cfg["warps"])
-        stages = cfg.get("stages")
+        stages, maxnreg = cfg.get("stages"), cfg.get("maxnreg")
         if stages is not None and (not isinstance(stages, int) or isinstance(stages, bool) or stages < 1):
             raise ValueError(f"config stages must be a positive int (Triton's num_stages), got {stages!r}")
+        if maxnreg is not None and (not isinstance(maxnreg, int) or isinstance(maxnreg, bool)
+                                    or not 32 <= maxnreg <= 255):
+            raise ValueError(f"config maxnreg must be an int in 32..255 (registers per thread), got {maxnreg!r}")
         if BN < MIN_BN or BN & (BN - 1):
             raise ValueError(f"config BN must be a power of two >= {MIN_BN}, got {BN}")
         if BW < L or BW & (BW - 1):
@@ -608,7 +611,8 @@ if HAS_TRITON:
         split-K workspace (:func:`workspace`; zero, and left zero); allocated per call when absent.
         ``config``: BN, BW, warps, per_sm, optional split (forced number of K splits), optional
         prefetch ("fma": load the next step's words before decoding this step's), optional stages
-        (Triton's ``num_stages``: how deep its software pipeliner may prefetch loop loads).
+        (Triton's ``num_stages``: how deep its software pipeliner may prefetch loop loads), optional
+        maxnreg (registers per thread: at 168, the fma kernel's own count, 3 programs fit an SM).
         """
         M, N, G = check_gemv_args(x2d, words, E, in_features, plane_words, offsets)
         if variant not in VARIANTS:
@@ -647,7 +651,9 @@ if HAS_TRITON:
             return y
         if x2d.stride(1) != 1:
             x2d = x2d.contiguous()
-        stage_arg = {} if cfg.get("stages") is None else {"num_stages": cfg["stages"]}
+        # launch options: the pipeliner's depth, and a register cap (more resident programs per SM)
+        stage_arg = {name: cfg[key] for key, name in (("stages", "num_stages"), ("maxnreg", "maxnreg"))
+                     if cfg.get(key) is not None and not (key == "maxnreg" and interpreting())}
         L, K, KW = plane_words, in_features, words.shape[1]
         even = KW % BW == 0 and K == TRITS_PER_WORD * KW  # no column of any step needs a mask
         n_blocks = triton.cdiv(N, BN)
