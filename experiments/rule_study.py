@@ -91,7 +91,8 @@ EAGER = "--eager"  # in a variant's flags: no --cuda-graph for it (it is not a f
 
 
 def _command(args: argparse.Namespace, variant: str, seed: int, cuda: bool) -> list[str]:
-    extra = [a for a in args.table[variant] if a != EAGER]
+    rule = VARIANTS[args.rule] if getattr(args, "rule", None) else []  # a routing table's runs: the rule first
+    extra = [a for a in rule + args.table[variant] if a != EAGER]
     ternary = "--weights" not in extra or extra[extra.index("--weights") + 1] == "ternary"
     capture = ternary and cuda and EAGER not in args.table[variant]
     cmd = [sys.executable, "-c", "import sys; from ternary_graph.cli import main; sys.exit(main())", "train",
@@ -309,7 +310,9 @@ def _plot(table: dict[str, dict], path: pathlib.Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None, *, table: dict[str, list[str]] = VARIANTS, doc: str = __doc__,
-         prog: str = "rule_study", baseline: str = "float", columns=RULE_COLUMNS) -> int:
+         prog: str = "rule_study", baseline: str = "float", columns=RULE_COLUMNS, rule: str | None = None) -> int:
+    """``rule``: for a table of variants that leave the update rule open (the routing ablation), the
+    default of ``run --rule``, which names the rule_study variant whose flags every run gets."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="launch the runs that are not finished yet")
@@ -324,6 +327,10 @@ def main(argv: list[str] | None = None, *, table: dict[str, list[str]] = VARIANT
     r.add_argument("--parallel", type=int, default=4)
     r.add_argument("--device", default="auto", help="cpu forces CPU runs (no --cuda-graph)")
     r.add_argument("--data", default=None, help="text file or folder (default: this Python's stdlib sources)")
+    if rule is not None:
+        rules = [name for name, flags in VARIANTS.items() if flags[flags.index("--weights") + 1] == "ternary"]
+        r.add_argument("--rule", default=rule, choices=rules,
+                       help="the update rule of every run (a rule_study variant; give each rule its own --root)")
     q = sub.add_parser("report", help="tabulate the runs found under --root")
     q.add_argument("--baseline", default=baseline)
     q.add_argument("--out", type=pathlib.Path, default=None, help="write <name>.md/.json/.png and a tarball of the logs")

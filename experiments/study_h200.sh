@@ -9,8 +9,9 @@
 #                                             # higher-θ rules (seed 0) at once; `wait` until they end, then
 #                                             # (and graph-learned-vq seed 0, issue 14's (a))
 #   bash experiments/study_h200.sh rule-small-best   # the best of them x seeds 1, 2
-#   bash experiments/study_h200.sh codes-large  # issue 14: 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 1, 2,
-#                                               # graph-random-reseed seeds 0, 1 (6 small runs)
+#   bash experiments/study_h200.sh routing-old  # the ablation again under rule old (6 small runs)
+#   bash experiments/study_h200.sh codes-large  # then 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 0-2,
+#                                               # frozen seeds 1, 2 (7 small runs, rule old)
 #   bash experiments/study_h200.sh finish     # wait, pack reports + run logs in one tarball, GEMV sweep
 #   bash experiments/study_h200.sh gemv-and-old  # CUDA tests and sweep of the decode GEMVs, then `old` seeds 1, 2
 #                                                # at small (two runs alone on the GPU: ~400 s)
@@ -32,7 +33,11 @@ export PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=2
 TINY=(--root "$STUDY/tiny" --preset tiny --steps 1221 --batch-size 64 --seq-len 256 --eval-every 100 --eval-windows 512)
 SMALL=(--root "$STUDY/small" --preset small --steps 3052 --batch-size 32 --seq-len 512 --eval-every 200 --eval-windows 512)
-ROUTING=(--root "$STUDY/routing" --preset small --steps 3052 --batch-size 32 --seq-len 512 --eval-every 200 --eval-windows 512)
+# the ablation of 2026-12-02 (rule cool24-64), and its rerun under the rule that trains small best (old)
+ROUTING=(--root "$STUDY/routing" --rule cool24-64 --preset small --steps 3052 --batch-size 32 --seq-len 512
+         --eval-every 200 --eval-windows 512)
+ROUTING_OLD=(--root "$STUDY/routing-old" --rule old --preset small --steps 3052 --batch-size 32 --seq-len 512
+             --eval-every 200 --eval-windows 512)
 SWEEP=old,ramp24-64,ramp16-64,ramp32-64,const32,cool24-64,cool16-64,ema5,ema3,scale32,scale127,scale0,float,float-lr1e-3,float-lr4e-3
 
 report() {
@@ -42,6 +47,8 @@ report() {
         --out "$OUT" --name rule_study_small_h200 2>&1
     [ -d "$STUDY/routing" ] && python3 experiments/routing_ablation.py report --root "$STUDY/routing" --steps 3052 \
         --out "$OUT" --name routing_ablation_small_h200 2>&1
+    [ -d "$STUDY/routing-old" ] && python3 experiments/routing_ablation.py report --root "$STUDY/routing-old" \
+        --steps 3052 --out "$OUT" --name routing_ablation_old_small_h200 2>&1
     cat "$STUDY"/launch_*.log > "$OUT/study_launch_h200.log" 2>/dev/null
 }
 
@@ -104,13 +111,20 @@ case "${1:-wait}" in
         launch routing_a routing_ablation.py run "${ROUTING[@]}" --variants graph-learned-vq --seeds 0 --parallel 1
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
-    codes-large)  # issue 14 at 2^20 and 10^7 codes, with (a) seeds 1, 2 and random re-seeding seeds 0, 1 beside
+    routing-old)  # the ablation again under rule old: graph/frozen/topk/hash seed 0, graph seeds 1, 2
         device_info
-        launch routing_large routing_ablation.py run "${ROUTING[@]}" --variants graph-1m-codes,graph-10m-codes \
+        launch routing_old routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph,frozen,topk,hash --seeds 0 \
+            --parallel 4
+        launch routing_old_seeds routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph --seeds 1,2 --parallel 2
+        WAIT_S=$((WAIT_S - SECONDS)) wait_all
+        ;;
+    codes-large)  # issue 14 under rule old at 2^20 and 10^7 codes (seed 0), with (a) seeds 0-2 and frozen seeds 1, 2
+        device_info
+        launch routing_large routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-1m-codes,graph-10m-codes \
             --seeds 0 --parallel 2
-        launch routing_more routing_ablation.py run "${ROUTING[@]}" --variants graph-learned-vq --seeds 1,2 --parallel 2
-        launch routing_reseed routing_ablation.py run "${ROUTING[@]}" --variants graph-random-reseed --seeds 0,1 \
-            --parallel 2
+        launch routing_more routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-learned-vq --seeds 0,1,2 \
+            --parallel 3
+        launch routing_frozen routing_ablation.py run "${ROUTING_OLD[@]}" --variants frozen --seeds 1,2 --parallel 2
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
     gemv-and-old)  # the decode GEMVs (CUDA tests of "i8", then the sweep) on an idle GPU; then `old` seeds 1, 2
@@ -167,7 +181,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|routing-old|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv

@@ -12,12 +12,12 @@ import pytest
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
 import rule_study  # noqa: E402
-from routing_ablation import ROUTING_VARIANTS  # noqa: E402
+from routing_ablation import DEFAULT_RULE, ROUTING_VARIANTS  # noqa: E402
 
 
 def _main(*argv: str) -> int:
     return rule_study.main(list(argv), table=ROUTING_VARIANTS, prog="routing_ablation", baseline="frozen",
-                           columns=rule_study.ROUTING_COLUMNS)
+                           columns=rule_study.ROUTING_COLUMNS, rule=DEFAULT_RULE)
 
 
 def test_unknown_variant_is_refused_listing_the_valid_ones(tmp_path):
@@ -26,6 +26,15 @@ def test_unknown_variant_is_refused_listing_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match=r"unknown --variants \['switch'\]; valid: " + valid):
         _main("run", "--root", str(tmp_path), "--variants", "graph,switch", "--device", "cpu")
     assert not any(tmp_path.iterdir()), "nothing is launched when one name is wrong"
+
+
+def test_an_unknown_rule_is_refused_listing_the_valid_ones(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _main("run", "--root", str(tmp_path), "--variants", "graph", "--rule", "float", "--device", "cpu")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --rule: invalid choice: 'float'" in err and "cool24-64" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_one_run_reports_mutual_information_load_and_live_codes(tmp_path, capsys):
@@ -38,6 +47,8 @@ def test_one_run_reports_mutual_information_load_and_live_codes(tmp_path, capsys
     assert code == 0, (root / "frozen-s0" / "train.log").read_text()[-2000:]
     config = json.loads((root / "frozen-s0" / "config.json").read_text())
     assert config["train"]["routing"] == "frozen" and config["model"]["routing"] == "frozen"
+    rule = rule_study.VARIANTS[DEFAULT_RULE]  # the --rule default's flags reached the run
+    assert config["train"]["threshold"] == int(rule[rule.index("--threshold") + 1])
     capsys.readouterr()
     assert _main("report", "--root", str(root), "--steps", "3", "--out", str(tmp_path / "out")) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| frozen")][0]
