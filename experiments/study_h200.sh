@@ -9,6 +9,7 @@
 #                                             # higher-θ rules (seed 0) at once; `wait` until they end, then
 #                                             # (and graph-learned-vq seed 0, issue 14's (a))
 #   bash experiments/study_h200.sh rule-small-best   # the best of them x seeds 1, 2
+#   bash experiments/study_h200.sh float-now  # issue 13: float twin x3 at small with today's code beside `old` x3
 #   bash experiments/study_h200.sh routing-old  # the ablation again under rule old (6 small runs)
 #   bash experiments/study_h200.sh codes-large  # then 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 0-2,
 #                                               # frozen seeds 1, 2 (7 small runs, rule old)
@@ -111,6 +112,17 @@ case "${1:-wait}" in
         launch routing_a routing_ablation.py run "${ROUTING[@]}" --variants graph-learned-vq --seeds 0 --parallel 1
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
+    float-now)  # issue 13: the float twin x3 at small with today's code, beside the sweep's `old` x3 (one report)
+        device_info
+        mkdir -p "$STUDY/small-now"
+        for f in docs/measurements/rule_study_small2_h200.tar.gz docs/measurements/rule_study_small_old_h200.tar.gz; do
+            tar xzf "$f" -C "$STUDY/small-now" --strip-components=2 --wildcards './small/old-s*'
+        done
+        launch small_float_now rule_study.py run --root "$STUDY/small-now" "${SMALL[@]:2}" --variants float \
+            --seeds 0,1,2 --parallel 3
+        WAIT_S=$((WAIT_S - SECONDS)) wait_all
+        python3 experiments/rule_study.py report --root "$STUDY/small-now" --steps 3052 2>&1 | tail -4
+        ;;
     routing-old)  # the ablation again under rule old: graph/frozen/topk/hash seed 0, graph seeds 1, 2
         device_info
         launch routing_old routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph,frozen,topk,hash --seeds 0 \
@@ -181,7 +193,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|routing-old|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|routing-old|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv

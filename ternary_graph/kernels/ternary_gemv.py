@@ -279,6 +279,16 @@ if HAS_TRITON:
         return v.to(tl.float32)
 
     @triton.jit
+    def _load_words(w_rows, wi, n_ok, KW, EVEN: tl.constexpr):
+        """One K step's (BN, BW) word tile: zeros for rows past N and, unless every word of every
+        step is in range (EVEN), for words past KW."""
+        if EVEN:
+            wd = tl.load(w_rows + wi[None, :], mask=n_ok[:, None], other=0)
+        else:
+            wd = tl.load(w_rows + wi[None, :], mask=n_ok[:, None] & (wi[None, :] < KW), other=0)
+        return wd
+
+    @triton.jit
     def _finish(part, scale, y_ptrs, ws_ptrs, mask, cnt_ptr, n_split, SPLIT: tl.constexpr):
         """Store ``part·scale``, or, split over K, add the partial into the workspace; the tile's
         last program (counter) stores the total and resets workspace and counter to zero."""
@@ -339,10 +349,8 @@ if HAS_TRITON:
                 wd = wd_next
                 wn = wi + BW
                 wd_next = tl.load(w_rows + wn[None, :], mask=n_ok[:, None] & (wn[None, :] < w_end), other=0)
-            elif EVEN:
-                wd = tl.load(w_rows + wi[None, :], mask=n_ok[:, None], other=0)
             else:
-                wd = tl.load(w_rows + wi[None, :], mask=n_ok[:, None] & (wi[None, :] < KW), other=0)
+                wd = _load_words(w_rows, wi, n_ok, KW, EVEN)
             cols = (w0 // L) * (16 * L) + col_base
             # Σ x over the even fields (a) and the odd fields (b) of each word column
             sa = tl.zeros((BW,), dtype=tl.float32)
@@ -407,10 +415,7 @@ if HAS_TRITON:
         for it in range(0, n_it):
             w0 = w_start + it * BW
             wi = w0 + offs_w
-            if EVEN:
-                wd = tl.load(w_rows + wi[None, :], mask=n_ok[:, None], other=0)
-            else:
-                wd = tl.load(w_rows + wi[None, :], mask=n_ok[:, None] & (wi[None, :] < KW), other=0)
+            wd = _load_words(w_rows, wi, n_ok, KW, EVEN)
             k0 = (w0 // L) * (16 * L)
             if PAIRS:
                 for p in tl.static_range(8):
@@ -518,10 +523,7 @@ if HAS_TRITON:
         for it in range(0, n_it):
             w0 = w_start + it * BW
             wi = w0 + offs_w
-            if EVEN:
-                wd = tl.load(w_rows + wi[None, :], mask=n_ok[:, None], other=0)
-            else:
-                wd = tl.load(w_rows + wi[None, :], mask=n_ok[:, None] & (wi[None, :] < KW), other=0)
+            wd = _load_words(w_rows, wi, n_ok, KW, EVEN)
             q = (w0 // L) * (4 * L) + q_base
             for j in tl.static_range(4):
                 a = (wd >> (2 * j)) & 0x03030303  # fields 4i + j in byte i: d = 0, 1, 2
