@@ -210,6 +210,8 @@ def test_bad_input_is_refused_naming_the_argument(gen):
         tg.gemv_2bit_triton(x.bfloat16(), words, E, 40, 8, variant="i8", offsets=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="config stages must be a positive int .* got 0"):
         tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(stages=0))
+    with pytest.raises(ValueError, match=r"config keys must be among .* got \['prefetch'\]"):
+        tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(prefetch=True))
     with pytest.raises(ValueError, match="config maxnreg must be an int in 32..255 .* got 16"):
         tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(maxnreg=16))
     with pytest.raises(ValueError, match="out must be a contiguous"):
@@ -235,7 +237,7 @@ def _run(variant, x2d, words, E, k, plane_words, config, offsets=None, ws=None, 
 def _splits(plane_words: int) -> list[dict]:
     bw = max(16, plane_words)
     return [dict(BN=16, BW=bw, split=1), dict(BN=32, BW=bw, split=3), dict(BN=16, BW=bw),  # automatic split
-            dict(BN=16, BW=bw, split=2, prefetch=True), dict(BN=16, BW=bw, split=2, stages=1, maxnreg=96)]
+            dict(BN=16, BW=bw, split=2, stages=1, maxnreg=96)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -281,7 +283,7 @@ def test_i8_kernel_matches_its_fixed_point_reference(backend, n, k, plane_words,
     x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
     ref = tg.gemv_x16_reference(x, words, E, k, plane_words)  # integer products: exact up to the output rounding
     for cfg in _splits(plane_words) if m == 1 else _splits(plane_words)[1::2]:
-        y = _run("i8", x, words, E, k, plane_words, {k: v for k, v in cfg.items() if k != "prefetch"})
+        y = _run("i8", x, words, E, k, plane_words, cfg)
         torch.testing.assert_close(y, ref, **_tolerance(dtype, ref), msg=lambda s: f"{cfg}: {s}")
 
 

@@ -68,6 +68,7 @@ DEFAULT_SMALL_M = "dot1"
 FMA_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=8)
 DOT_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)
 I8_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=8)
+CONFIG_KEYS = ("BN", "BW", "warps", "per_sm", "split", "stages", "maxnreg")
 X16_MAX = 32767  # "i8": activations as 16-bit fixed point, x ≈ sx · (256·hi + lo), |256·hi + lo| <= X16_MAX
 X16_ABSMAX_FLOOR = 2.0 ** -100  # keeps X16_MAX / absmax finite (all-zero rows quantise to zeros, not NaN)
 _CHUNK_ELEMENTS = 1 << 22  # trits repacked per step by pack_2bit (bounds its int64 temporaries)
@@ -313,8 +314,7 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["N", "K", "KW", "stride_w8", "stride_ym", "G", "iters", "n_split"])
     def _gemv2_fma_kernel(x_ptr, w_ptr, e_ptr, off_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, stride_xm, stride_w8,
                           stride_ym, G, iters, n_split, L: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
-                          GP: tl.constexpr, HAS_GROUPS: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr,
-                          PREFETCH: tl.constexpr):
+                          GP: tl.constexpr, HAS_GROUPS: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr):
         m = tl.program_id(0)  # activation row: fastest grid axis, so programs sharing weights run together
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -336,21 +336,10 @@ if HAS_TRITON:
         n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
         acc = tl.zeros((BN, BW), dtype=tl.float32)  # Σ d·x per (row, word column)
         xsum = tl.zeros((BW,), dtype=tl.float32)  # Σ x per word column
-        # PREFETCH: the next step's word tile is loaded before this step's arithmetic, so one load
-        # is in flight while the program decodes (the loop is otherwise load, wait, compute)
-        if PREFETCH:
-            w_end = tl.minimum(KW, w_start + n_it * BW)
-            wd_next = tl.load(w_rows + (w_start + offs_w)[None, :],
-                              mask=n_ok[:, None] & ((w_start + offs_w)[None, :] < w_end), other=0)
         for it in range(0, n_it):
             w0 = w_start + it * BW
             wi = w0 + offs_w
-            if PREFETCH:
-                wd = wd_next
-                wn = wi + BW
-                wd_next = tl.load(w_rows + wn[None, :], mask=n_ok[:, None] & (wn[None, :] < w_end), other=0)
-            else:
-                wd = _load_words(w_rows, wi, n_ok, KW, EVEN)
+            wd = _load_words(w_rows, wi, n_ok, KW, EVEN)
             cols = (w0 // L) * (16 * L) + col_base
             # Σ x over the even fields (a) and the odd fields (b) of each word column
             sa = tl.zeros((BW,), dtype=tl.float32)
@@ -579,6 +568,9 @@ if HAS_TRITON:
                              f"got dtype={counters.dtype} shape={tuple(counters.shape)}")
 
     def _block_config(cfg: dict, L: int) -> tuple[int, int, int]:
+        unknown = sorted(set(cfg) - set(CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"config keys must be among {CONFIG_KEYS}, got {unknown}")
         BN, BW, warps = int(cfg["BN"]), int(cfg["BW"]), int(cfg["warps"])
         stages, maxnreg = cfg.get("stages"), cfg.get("maxnreg")
         if stages is not None and (not isinstance(stages, int) or isinstance(stages, bool) or stages < 1):
@@ -609,12 +601,13 @@ if HAS_TRITON:
         ``variant``: "auto" (M == 1 or groups or fp32: DEFAULT_M1 / "fma", else DEFAULT_SMALL_M),
         "fma", "dot" or "dot1" (the dot variants: M <= 16, 16-bit x, no groups, plane_words >= 16
         for "dot1"), or "i8" (16-bit x, no groups: x as 16-bit fixed point, two dp4a per four trits;
-        its error against the float product is that of the fixed point, ~1e-5 of the output). ``out``: optional contiguous (M, N) result buffer. ``ws``/``counters``: the
-        split-K workspace (:func:`workspace`; zero, and left zero); allocated per call when absent.
-        ``config``: BN, BW, warps, per_sm, optional split (forced number of K splits), optional
-        prefetch ("fma": load the next step's words before decoding this step's), optional stages
-        (Triton's ``num_stages``: how deep its software pipeliner may prefetch loop loads), optional
-        maxnreg (registers per thread: at 168, the fma kernel's own count, 3 programs fit an SM).
+        its error against the float product is that of the fixed point, ~1e-5 of the output).
+        ``out``: optional contiguous (M, N) result buffer. ``ws``/``counters``: the split-K
+        workspace (:func:`workspace`; zero, and left zero); allocated per call when absent.
+        ``config`` (keys CONFIG_KEYS): BN, BW, warps, per_sm, optional split (forced number of K
+        splits), optional stages (Triton's ``num_stages``: how deep its software pipeliner may
+        prefetch loop loads), optional maxnreg (registers per thread: at the fma kernel's own 168,
+        3 programs fit an SM).
         """
         M, N, G = check_gemv_args(x2d, words, E, in_features, plane_words, offsets)
         if variant not in VARIANTS:
@@ -671,7 +664,7 @@ if HAS_TRITON:
             _gemv2_fma_kernel[(M, n_blocks, split)](
                 x2d, words, E, off, y, ws, counters, N, K, KW, x2d.stride(0), KW // 8, y.stride(0), G, iters, split,
                 L=L, BN=BN, BW=BW, GP=triton.next_power_of_2(G), HAS_GROUPS=offsets is not None, SPLIT=split > 1,
-                EVEN=even, PREFETCH=bool(cfg.get("prefetch", False)), num_warps=warps, **stage_arg)
+                EVEN=even, num_warps=warps, **stage_arg)
             return y
         if variant == "i8":
             xq = torch.empty(2 * M * 4 * KW + 2 * M, dtype=torch.int32, device=x2d.device)
