@@ -65,7 +65,10 @@ FMA_CONFIGS = [dict(BN=64, BW=32, warps=4, per_sm=8), dict(BN=64, BW=32, warps=4
                dict(BN=64, BW=32, warps=4, per_sm=8, maxnreg=128), dict(BN=64, BW=32, warps=4, per_sm=8, maxnreg=96),
                dict(BN=64, BW=32, warps=4, per_sm=8, maxnreg=80), dict(BN=32, BW=32, warps=2, per_sm=16, maxnreg=96),
                # more rows per thread (each activation load feeds more FMAs), 4 warps
-               dict(BN=128, BW=32, warps=4, per_sm=4)]
+               dict(BN=128, BW=32, warps=4, per_sm=4),
+               # fewer elements per thread, so fewer registers (experiments/gemv_registers.py): 8 or 4
+               dict(BN=32, BW=32, warps=4, per_sm=8), dict(BN=32, BW=32, warps=4, per_sm=16),
+               dict(BN=64, BW=32, warps=8, per_sm=8), dict(BN=16, BW=32, warps=4, per_sm=16)]
 DOT_CONFIGS = [("dot", dict(BN=64, BW=32, warps=4, per_sm=4)), ("dot", dict(BN=128, BW=32, warps=4, per_sm=4)),
                ("dot", dict(BN=64, BW=32, warps=4, per_sm=8)), ("dot", dict(BN=128, BW=32, warps=8, per_sm=2)),
                ("dot1", dict(BN=64, BW=32, warps=4, per_sm=4))]
@@ -74,7 +77,9 @@ I8_CONFIGS = [("i8", dict(BN=64, BW=32, warps=4, per_sm=8)), ("i8", dict(BN=64, 
               ("i8", dict(BN=128, BW=32, warps=4, per_sm=4)), ("i8", dict(BN=32, BW=32, warps=2, per_sm=8)),
               ("i8", dict(BN=64, BW=32, warps=4, per_sm=16)), ("i8", dict(BN=64, BW=64, warps=4, per_sm=4)),
               ("i8", dict(BN=64, BW=32, warps=4, split=1)), ("i8", dict(BN=64, BW=32, warps=4, per_sm=8, stages=4)),
-              ("i8", dict(BN=64, BW=32, warps=4, per_sm=8, maxnreg=96))]
+              ("i8", dict(BN=64, BW=32, warps=4, per_sm=8, maxnreg=96)), ("i8", dict(BN=32, BW=32, warps=4, per_sm=8)),
+              ("i8", dict(BN=32, BW=32, warps=4, per_sm=16)), ("i8", dict(BN=64, BW=32, warps=8, per_sm=8)),
+              ("i8", dict(BN=16, BW=32, warps=4, per_sm=16))]
 SMALL_M = (2, 4, 8, 16)
 EXPERTS = ((2048, 2240), (1120, 2048))  # default_3b: gate_up and down of each of 16 experts
 PRESETS = (("small", 64), ("default_3b", 32))  # preset, new tokens decoded

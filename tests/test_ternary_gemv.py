@@ -13,7 +13,9 @@ leaves ``state_dict`` unchanged and that ``train()`` drops the copy.
 
 from __future__ import annotations
 
+import pathlib
 import struct
+import sys
 
 import pytest
 import torch
@@ -411,6 +413,20 @@ def test_model_prepare_inference_covers_every_ternary_linear(one_torch_thread):
     assert all(m.inference_copy is None for m in layers)
     float_model = build_model(get_preset("tiny"), weights="float")
     float_model.prepare_inference()  # nothing to build, and no error
+
+
+def test_register_counts_compile_for_hopper_without_a_gpu():
+    """experiments/gemv_registers.py: Triton compiles the kernels for sm_90 here, and a tile with a
+    quarter of the elements per thread needs fewer registers."""
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+    import gemv_registers as gr
+
+    def fma(BN, warps):
+        consts = dict(L=32, BN=BN, BW=32, GP=1, HAS_GROUPS=False, SPLIT=True, EVEN=True)
+        return gr.registers(tg._gemv2_fma_kernel, gr.FMA_POINTERS, consts, warps)
+    big, small = fma(64, 4), fma(16, 4)
+    assert 16 <= small < big <= 255
 
 
 # ------------------------------------------------------------------------------------------------
