@@ -206,6 +206,8 @@ def test_bad_input_is_refused_naming_the_argument(gen):
         tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(BN=8))
     with pytest.raises(ValueError, match="config BW must be a power of two >= plane_words=8, got 4"):
         tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(BW=4))
+    with pytest.raises(ValueError, match="x must have shape \\(M, in_features=41\\), got shape \\(2, 40\\)"):
+        tg.pack_x16(x, 41, 8)
     with pytest.raises(ValueError, match="variant='i8' needs bfloat16/float16 x"):
         tg.gemv_2bit_triton(x, words, E, 40, 8, variant="i8")
     with pytest.raises(ValueError, match="variant='i8' takes one group"):

@@ -26,6 +26,12 @@ Decoding without any int→float conversion (the float's mantissa *is* the 2-bit
     halves; ``tl.interleave`` makes them a (BN, 2·BW) operand and ``tl.dot`` multiplies it with
     the matching (2·BW, 16) activation tile (rows past M are zeros). y = 4·acc - 5·Σx.
   * ``dot1``: as ``dot`` but one field per 16-bit element and one dot per field (no interleave).
+  * ``i8`` (one program per activation row, 16-bit activations, one group): a small kernel packs
+    the activations as per-row 16-bit fixed point, signed high and unsigned low bytes four per
+    word (:func:`pack_x16`); ``(w >> 2j) & 0x03030303`` puts four fields of a word in four bytes,
+    and two dp4a multiply them by their four activations into exact int32 sums (no float decode,
+    and half the ALU work of ``fma``). Its result is the exact product with the fixed-point
+    activations (:func:`gemv_x16_reference`), within ``sx/2·Σ|t|·s`` of the float one.
 The row scale ``2^(E/4)`` is applied once per output, after the reduction.
 
 Split-K. When the N blocks alone give too few programs to keep the GPU's memory system busy, the
@@ -37,7 +43,7 @@ the workspace is clean after every launch. :class:`DecodeWeights` owns one works
 layer, so layers never share one.
 
 Layers of this file: the pure-torch layout functions and references (:func:`pack_2bit`,
-:func:`unpack_2bit`, :func:`gemv_2bit_reference`); the Triton kernels and their launcher
+:func:`unpack_2bit`, :func:`gemv_2bit_reference`, :func:`pack_x16`, :func:`gemv_x16_reference`); the Triton kernels and their launcher
 :func:`gemv_2bit_triton` (defined when Triton is importable); the ``torch.library`` op
 ``ternary_graph::decode_gemv`` with a fake implementation (CPU tensors take the reference);
 :class:`DecodeWeights`.
@@ -199,6 +205,9 @@ def pack_x16(x2d: torch.Tensor, in_features: int, plane_words: int) -> dict[str,
     Shapes: x2d (M, K) -> hi, lo (M, 4·KW) int32, sx (M,) float32, xsum (M,) int32 (Σ of x16).
     """
     _check_plane_words(plane_words)
+    if not isinstance(x2d, torch.Tensor) or x2d.dim() != 2 or x2d.shape[1] != in_features:
+        got = f"shape {tuple(x2d.shape)}" if isinstance(x2d, torch.Tensor) else type(x2d).__name__
+        raise ValueError(f"x must have shape (M, in_features={in_features}), got {got}")
     L = plane_words
     KW = words_per_row(in_features, L)
     x16, sx = _x16(x2d)
@@ -779,5 +788,6 @@ def decode_bytes_per_param(in_features: int) -> float:
 
 
 __all__ = ["DECODE_MAX_M", "DecodeWeights", "choose_plane_words", "decode_bytes_per_param", "decode_gemv",
-           "gemv_2bit_reference", "gemv_2bit_triton", "pack_2bit", "unpack_2bit", "words_per_row", "workspace"]
+           "gemv_2bit_reference", "gemv_2bit_triton", "gemv_x16_reference", "pack_2bit", "pack_x16", "unpack_2bit",
+           "words_per_row", "workspace"]
 
