@@ -10,7 +10,7 @@ from ternary_graph.config import (CODEBOOK_DIM, KGVQ_CODEBOOK_DIM, KGVQ_CODEBOOK
                                   ModelConfig, get_preset, logical_parameter_counts)
 from ternary_graph.models.model import build_model
 from ternary_graph.models.trace import format_trace, trace_model
-from ternary_graph.ternary import TernaryOptimizer, UpdateRule, float_parameters
+from ternary_graph.ternary import TernaryOptimizer, UpdateRule, float_parameters, ternary_states
 
 SMALL = get_preset("tiny").replace(n_layers=2, codebook_size=256, kg_codebook_size=256, expert_hidden=64)
 
@@ -112,6 +112,9 @@ def test_a_frozen_vq_projection_never_changes_while_the_codes_learn(projection):
             assert proj_votes > 0
     assert torch.equal(proj.packed, packed) == (projection == "frozen")
     assert not torch.equal(model.shared_vq.codes.weight.packed, codes)
+    # the optimizer steps exactly the trainable states: a frozen projection is left out
+    assert (proj in opt.states) == (projection == "learned")
+    assert len(opt.states) == len(ternary_states(model)) - (projection == "frozen") * len(SMALL.quantize_layers)
 
 
 def test_unknown_vq_projection_lists_the_valid_ones():
@@ -129,9 +132,9 @@ def test_float_baseline_has_same_architecture_with_float_weights():
     tern = build_model(SMALL, weights="ternary", seed=0)
     flt = build_model(SMALL, weights="float", seed=0)
     n_float = sum(p.numel() for p in float_parameters(flt))
-    n_tern_linear = sum(s.rows * s.cols for name, s in tern.named_modules()
+    n_tern_linear = sum(s.rows * s.cols for name, s in tern.named_modules()  # trainable: frozen VQ projection out
                         if type(s).__name__ == "TernaryState" and "vq" not in name.split(".")[0]
-                        and "centroids" not in name)
+                        and "centroids" not in name and not s.frozen)
     assert n_float == n_tern_linear
     ids = torch.randint(0, 256, (2, 17))
     out = flt(ids[:, :-1], ids[:, 1:])

@@ -29,6 +29,7 @@ from ..nn.grouped import TernaryGroupedLinear
 from ..nn.linear import TernaryLinear
 from ..nn.vq import KGVQCodebook, TernaryVQCodebook
 from ..precision import autocast_for
+from ..ternary.state import ternary_states
 from . import generate as _generation
 
 
@@ -53,6 +54,10 @@ class Block(nn.Module):
         self.vq_proj = make_linear(cfg.dim, cfg.codebook_dim, weights, device=device, generator=generator) \
             if self.quantizes else None
         self.vq_projection_frozen = cfg.vq_projection == "frozen"
+        if self.vq_proj is not None and self.vq_projection_frozen:  # the optimizers leave it out
+            for state in ternary_states(self.vq_proj):
+                state.frozen = True
+            self.vq_proj.requires_grad_(False)
         # Small codebooks hold every code's fanout edges (dense mode); past edge_capacity the
         # bounded active-edge set (large mode) takes over.
         capacity = None if cfg.edge_capacity >= cfg.codebook_size * cfg.fanout else cfg.edge_capacity

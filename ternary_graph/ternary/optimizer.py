@@ -92,7 +92,8 @@ class TernaryOptimizer:
         seed: seeds the coin flips of stochastic updates.
 
     Sparse states (embedding tables) record the rows their backward touched; only those rows
-    are visited by ``step()``, so its cost grows with the batch, not the table.
+    are visited by ``step()``, so its cost grows with the batch, not the table. States marked
+    ``frozen`` are left out.
     """
 
     def __init__(self, params: nn.Module | Iterable[TernaryState], rule: UpdateRule | None = None, *,
@@ -101,8 +102,9 @@ class TernaryOptimizer:
         for i, s in enumerate(states):
             if not isinstance(s, TernaryState):
                 raise TypeError(f"params[{i}] must be a TernaryState, got {type(s).__name__}")
+        states = [s for s in states if not s.frozen]
         if not states and float_optimizer is None:
-            raise ValueError("TernaryOptimizer got no TernaryState and no float_optimizer: nothing to train")
+            raise ValueError("TernaryOptimizer got no trainable TernaryState and no float_optimizer: nothing to train")
         self.states = states
         self.rule = rule if rule is not None else UpdateRule()
         self.float_optimizer = float_optimizer

@@ -61,6 +61,9 @@ class TernaryState(nn.Module):
 
     ``vote_magnitude`` is how much one backward pass adds to an accumulator (±magnitude per
     trit); it is set by the optimizer that trains this state, and is not part of the state_dict.
+    ``frozen`` (set by the owner, not part of the state_dict) marks a matrix that is never
+    trained, such as the model's fixed VQ projection: TernaryOptimizer leaves it out. Its
+    accumulators stay (zero) so that checkpoints keep one layout.
     """
 
     packed: torch.Tensor
@@ -88,6 +91,7 @@ class TernaryState(nn.Module):
         nonzero = 2.0 / 3.0 if zero_fraction is None else 1.0 - zero_fraction
         self.init_scale = init_scale if init_scale is not None else default_row_scale(cols, nonzero)
         self.vote_magnitude = 1
+        self.frozen = False
         self.sparse_updates = False
         self._touched_rows: list[torch.Tensor] = []
         device = torch.device(device) if device is not None else None

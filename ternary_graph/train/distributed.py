@@ -276,7 +276,7 @@ class VoteSync:
         self.detach()
         seen: dict[int, TernaryState] = {}
         for name, sub in model.named_modules():
-            if isinstance(sub, TernaryState) and id(sub) not in seen:
+            if isinstance(sub, TernaryState) and id(sub) not in seen and not sub.frozen:  # frozen: no votes to sum
                 seen[id(sub)] = sub
                 if sub.rows > _MAX_INT32:
                     raise ValueError(f"{name} has {sub.rows} rows; row ids travel as int32 (at most 2**31 - 1)")
