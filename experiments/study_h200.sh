@@ -9,7 +9,8 @@
 #                                             # higher-θ rules (seed 0) at once; `wait` until they end, then
 #                                             # (and graph-learned-vq seed 0, issue 14's (a))
 #   bash experiments/study_h200.sh rule-small-best   # the best of them x seeds 1, 2
-#   bash experiments/study_h200.sh float-now  # issue 13: float twin x3 at small with today's code beside `old` x3
+#   bash experiments/study_h200.sh float-now  # GEMV sweep (3 shapes, idle GPU), then issue 13: float twin x3 at
+#                                             # small with today's code beside `old` x3
 #   bash experiments/study_h200.sh routing-old  # the ablation again under rule old (6 small runs)
 #   bash experiments/study_h200.sh codes-large  # then 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 0-2,
 #                                               # frozen seeds 1, 2 (7 small runs, rule old)
@@ -112,8 +113,11 @@ case "${1:-wait}" in
         launch routing_a routing_ablation.py run "${ROUTING[@]}" --variants graph-learned-vq --seeds 0 --parallel 1
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
-    float-now)  # issue 13: the float twin x3 at small with today's code, beside the sweep's `old` x3 (one report)
+    float-now)  # the decode GEMV sweep on the idle GPU (3 shapes), then issue 13's float twin x3 at small with
+                # today's code beside the sweep's `old` x3 (one report)
         device_info
+        timeout 300 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 270 \
+            2>&1 | grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG" | tail -80
         mkdir -p "$STUDY/small-now"
         for f in docs/measurements/rule_study_small2_h200.tar.gz docs/measurements/rule_study_small_old_h200.tar.gz; do
             tar xzf "$f" -C "$STUDY/small-now" --strip-components=2 --wildcards './small/old-s*'
