@@ -292,6 +292,20 @@ def test_i8_kernel_matches_its_fixed_point_reference(backend, n, k, plane_words,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k,plane_words", [(300, 8), (515, 16), (1003, 32)])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_takes_a_kernel_for_every_plane_width(backend, k, plane_words, m, dtype, gen):
+    """"auto" must never pick a kernel that refuses the layout (dot1 needs planes of >= 16 words)."""
+    device = _device(backend)
+    packed, E = _weights(12, k, gen, device)
+    words = tg.pack_2bit(packed, k, plane_words=plane_words)
+    x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    ref = tg.gemv_2bit_reference(x, words, E, k, plane_words)
+    torch.testing.assert_close(_run("auto", x, words, E, k, plane_words, None), ref, **_tolerance(dtype, ref))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_float16_every_variant(backend, gen):
     device = _device(backend)
     n, k, L = 20, 515, 16

@@ -67,9 +67,11 @@ VARIANTS = ("auto", "fma", "dot", "dot1", "i8")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Which kernel "auto" takes, from experiments/bench_decode.py on the H200 (docs/kernels.md): at
 # M = 1 "fma" (1.43-2.01x bf16); for 2 <= M <= 16 with 16-bit activations and one group "dot1"
-# (1.22-1.58x, where "fma", one program per row, falls to 0.19x at M = 16); fp32 and groups take "fma".
+# (1.22-1.58x, where "fma", one program per row, falls to 0.19x at M = 16), or "dot" where the
+# planes are too narrow for "dot1" (plane_words 8: K = 1120, say); fp32 and groups take "fma".
 DEFAULT_M1 = "fma"
 DEFAULT_SMALL_M = "dot1"
+DEFAULT_SMALL_M_NARROW = "dot"
 # BN rows x BW words per step, warps, and the split-K target: programs per SM.
 FMA_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=8)
 DOT_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)
@@ -607,7 +609,8 @@ if HAS_TRITON:
             offsets: None, or (G,) int32/int64 cumulative row counts of the groups (rows of x
                 sorted by group; the stacked experts), read on the device only
             returns: (M, N) in x2d's dtype
-        ``variant``: "auto" (M == 1 or groups or fp32: DEFAULT_M1 / "fma", else DEFAULT_SMALL_M),
+        ``variant``: "auto" (M == 1 or groups or fp32: DEFAULT_M1 / "fma", else DEFAULT_SMALL_M, or
+        DEFAULT_SMALL_M_NARROW when plane_words < 16),
         "fma", "dot" or "dot1" (the dot variants: M <= 16, 16-bit x, no groups, plane_words >= 16
         for "dot1"), or "i8" (16-bit x, no groups: x as 16-bit fixed point, two dp4a per four trits;
         its error against the float product is that of the fixed point, ~1e-5 of the output).
@@ -623,7 +626,10 @@ if HAS_TRITON:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if variant == "auto":
             small = 1 < M <= DECODE_MAX_M and offsets is None and x2d.dtype != torch.float32
-            variant = DEFAULT_SMALL_M if small else DEFAULT_M1
+            if not small:
+                variant = DEFAULT_M1
+            else:
+                variant = DEFAULT_SMALL_M if plane_words >= 16 else DEFAULT_SMALL_M_NARROW
         if variant in ("dot", "dot1", "i8") and x2d.dtype == torch.float32:
             raise ValueError(f"variant={variant!r} needs bfloat16/float16 x, got {x2d.dtype}; use variant='fma'")
         if variant == "i8" and offsets is not None:
