@@ -600,10 +600,10 @@ def kernel_report(b: Bench) -> None:
                 threads = 32 * md.num_warps
                 regs = getattr(k, "n_regs", 0) or 0
                 per_sm = None
-                if props is not None and regs:
+                if props is not None and regs:  # threads, registers and shared memory each cap it; 32 CTAs at most
                     per_sm = min(props.max_threads_per_multi_processor // threads,
-                                 props.regs_per_multiprocessor // (max(regs, 1) * threads) if regs else 99,
-                                 (props.shared_memory_per_multiprocessor // md.shared) if md.shared else 99, 32)
+                                 props.regs_per_multiprocessor // (regs * threads),
+                                 (props.shared_memory_per_multiprocessor // md.shared) if md.shared else 32, 32)
                 mix = ""
                 try:
                     sass = k.asm["sass"]

@@ -247,16 +247,22 @@ def _splits(plane_words: int) -> list[dict]:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,k,plane_words", SHAPES)
 @pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fma_kernel_matches_reference(backend, n, k, plane_words, m, dtype, gen):
+# (variant, activation dtype): fma against the float reference (itself checked against the fp64
+# oracle), i8 against its fixed-point reference (integer products: exact up to the output rounding)
+@pytest.mark.parametrize("variant,dtype", [("fma", torch.float32), ("fma", torch.bfloat16),
+                                           ("i8", torch.bfloat16), ("i8", torch.float16)])
+def test_per_row_kernels_match_their_reference(backend, n, k, plane_words, m, variant, dtype, gen):
     device = _device(backend)
     packed, E = _weights(n, k, gen, device)
     words = tg.pack_2bit(packed, k, plane_words=plane_words)
     x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
-    ref = tg.gemv_2bit_reference(x, words, E, k, plane_words)
-    torch.testing.assert_close(ref.double().cpu(), _oracle(x, packed, E, k), **_tolerance(dtype, ref))
+    if variant == "fma":
+        ref = tg.gemv_2bit_reference(x, words, E, k, plane_words)
+        torch.testing.assert_close(ref.double().cpu(), _oracle(x, packed, E, k), **_tolerance(dtype, ref))
+    else:
+        ref = tg.gemv_x16_reference(x, words, E, k, plane_words)
     for cfg in _splits(plane_words) if m == 1 else _splits(plane_words)[1::2]:
-        y = _run("fma", x, words, E, k, plane_words, cfg)
+        y = _run(variant, x, words, E, k, plane_words, cfg)
         torch.testing.assert_close(y, ref, **_tolerance(dtype, ref), msg=lambda s: f"{cfg}: {s}")
 
 
@@ -274,21 +280,6 @@ def test_dot_kernels_match_reference(backend, n, k, plane_words, m, gen):
         for cfg in _splits(plane_words)[:2]:
             y = _run(variant, x, words, E, k, plane_words, cfg)
             torch.testing.assert_close(y, ref, **_tolerance(torch.bfloat16, ref), msg=lambda s: f"{variant} {cfg}: {s}")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n,k,plane_words", SHAPES)
-@pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_i8_kernel_matches_its_fixed_point_reference(backend, n, k, plane_words, m, dtype, gen):
-    device = _device(backend)
-    packed, E = _weights(n, k, gen, device)
-    words = tg.pack_2bit(packed, k, plane_words=plane_words)
-    x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
-    ref = tg.gemv_x16_reference(x, words, E, k, plane_words)  # integer products: exact up to the output rounding
-    for cfg in _splits(plane_words) if m == 1 else _splits(plane_words)[1::2]:
-        y = _run("i8", x, words, E, k, plane_words, cfg)
-        torch.testing.assert_close(y, ref, **_tolerance(dtype, ref), msg=lambda s: f"{cfg}: {s}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

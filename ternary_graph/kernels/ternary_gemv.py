@@ -43,10 +43,10 @@ the workspace is clean after every launch. :class:`DecodeWeights` owns one works
 layer, so layers never share one.
 
 Layers of this file: the pure-torch layout functions and references (:func:`pack_2bit`,
-:func:`unpack_2bit`, :func:`gemv_2bit_reference`, :func:`pack_x16`, :func:`gemv_x16_reference`); the Triton kernels and their launcher
-:func:`gemv_2bit_triton` (defined when Triton is importable); the ``torch.library`` op
-``ternary_graph::decode_gemv`` with a fake implementation (CPU tensors take the reference);
-:class:`DecodeWeights`.
+:func:`unpack_2bit`, :func:`gemv_2bit_reference`, :func:`pack_x16`, :func:`gemv_x16_reference`);
+the Triton kernels and their launcher :func:`gemv_2bit_triton` (defined when Triton is
+importable); the ``torch.library`` op ``ternary_graph::decode_gemv`` with a fake implementation
+(CPU tensors take the reference); :class:`DecodeWeights`.
 """
 
 from __future__ import annotations
@@ -109,6 +109,11 @@ def words_per_row(in_features: int, plane_words: int) -> int:
     return -(-in_features // block) * plane_words
 
 
+def _as_int32(w: torch.Tensor) -> torch.Tensor:
+    """int64 holding unsigned 32-bit words -> the same bits as int32 (read as signed, so the cast is exact)."""
+    return (w - ((w >> 31) & 1) * (1 << 32)).to(torch.int32)
+
+
 def _field_shifts(device: torch.device) -> torch.Tensor:
     return (2 * torch.arange(TRITS_PER_WORD, dtype=torch.int64, device=device)).view(1, 1, TRITS_PER_WORD, 1)
 
@@ -139,8 +144,7 @@ def pack_2bit(packed: torch.Tensor, in_features: int, *, plane_words: int | None
         d = unpack_trits(packed[r0:r1], in_features).to(torch.int64) + 1
         d = torch.nn.functional.pad(d, (0, padded - in_features), value=1)  # zero trits
         w = (d.view(r1 - r0, nb, TRITS_PER_WORD, L) << shifts).sum(dim=2)  # disjoint bit fields: sum == or
-        w = w - ((w >> 31) & 1) * (1 << 32)  # as signed 32-bit values, so the cast below is exact
-        words[r0:r1] = w.reshape(r1 - r0, KW).to(torch.int32)
+        words[r0:r1] = _as_int32(w.reshape(r1 - r0, KW))
     return words
 
 
@@ -222,8 +226,8 @@ def pack_x16(x2d: torch.Tensor, in_features: int, plane_words: int) -> dict[str,
         v = f[:, :, i].to(torch.int64)
         hi |= ((v >> 8) & 0xFF) << (8 * i)
         lo |= (v & 0xFF) << (8 * i)
-    as_i32 = lambda w: (w - ((w >> 31) & 1) * (1 << 32)).reshape(M, 4 * KW).to(torch.int32)  # noqa: E731
-    return dict(hi=as_i32(hi), lo=as_i32(lo), sx=sx, xsum=x16.sum(dim=1, dtype=torch.int64).to(torch.int32))
+    return dict(hi=_as_int32(hi.reshape(M, 4 * KW)), lo=_as_int32(lo.reshape(M, 4 * KW)), sx=sx,
+                xsum=x16.sum(dim=1, dtype=torch.int64).to(torch.int32))
 
 
 def gemv_x16_reference(x2d: torch.Tensor, words: torch.Tensor, E: torch.Tensor, in_features: int,
@@ -271,6 +275,8 @@ if HAS_TRITON:
     from .ternary_linear_triton import _row_scale
 
     _F32_ONE = tl.constexpr(0x3F800000)  # bits of 1.0f: OR-ing 2 bits into its mantissa gives 1 + d·2^(p-23)
+    _X16_MAX = tl.constexpr(X16_MAX)
+    _X16_ABSMAX_FLOOR = tl.constexpr(X16_ABSMAX_FLOOR)
 
     @triton.jit
     def _shift(v, s: tl.constexpr):
@@ -479,8 +485,8 @@ if HAS_TRITON:
         for k0 in range(0, K, BQ):
             cols = k0 + tl.arange(0, BQ)
             absmax = tl.maximum(absmax, tl.abs(tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)))
-        amax = tl.maximum(tl.max(absmax, axis=0), 7.888609052210118e-31)  # X16_ABSMAX_FLOOR
-        inv = 32767.0 / amax
+        amax = tl.maximum(tl.max(absmax, axis=0), _X16_ABSMAX_FLOOR)
+        inv = _X16_MAX / amax
         xsum = tl.zeros((BQ,), dtype=tl.int32)
         for q0 in range(0, KQ, BQ):
             q = q0 + tl.arange(0, BQ)
@@ -491,13 +497,13 @@ if HAS_TRITON:
                 cols = base + 4 * i * L
                 v = tl.load(x_row + cols, mask=(cols < K) & (q < KQ), other=0.0).to(tl.float32) * inv
                 x16 = tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
-                x16 = tl.minimum(tl.maximum(x16, -32767), 32767)
+                x16 = tl.minimum(tl.maximum(x16, -_X16_MAX), _X16_MAX)
                 xsum += x16
                 hi = hi | (((x16 >> 8) & 0xFF) << (8 * i))
                 lo = lo | ((x16 & 0xFF) << (8 * i))
             tl.store(hi_ptr + m * KQ + q, hi, mask=q < KQ)
             tl.store(lo_ptr + m * KQ + q, lo, mask=q < KQ)
-        tl.store(sx_ptr + m, amax / 32767.0)
+        tl.store(sx_ptr + m, amax / _X16_MAX)
         tl.store(xs_ptr + m, tl.sum(xsum, axis=0))
 
     @triton.jit(do_not_specialize=["N", "KW", "stride_w8", "stride_ym", "iters", "n_split"])
@@ -626,21 +632,17 @@ if HAS_TRITON:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if variant == "auto":
             small = 1 < M <= DECODE_MAX_M and offsets is None and x2d.dtype != torch.float32
-            if not small:
-                variant = DEFAULT_M1
-            else:
-                variant = DEFAULT_SMALL_M if plane_words >= 16 else DEFAULT_SMALL_M_NARROW
-        if variant in ("dot", "dot1", "i8") and x2d.dtype == torch.float32:
-            raise ValueError(f"variant={variant!r} needs bfloat16/float16 x, got {x2d.dtype}; use variant='fma'")
-        if variant == "i8" and offsets is not None:
-            raise ValueError("variant='i8' takes one group (offsets=None); use variant='fma'")
-        if variant in ("dot", "dot1"):
-            if M > DECODE_MAX_M:
-                raise ValueError(f"variant={variant!r} takes at most {DECODE_MAX_M} rows of x, got M={M}")
+            narrow = plane_words < 16  # dot1's planes are single dots of K = plane_words >= 16
+            variant = DEFAULT_M1 if not small else DEFAULT_SMALL_M_NARROW if narrow else DEFAULT_SMALL_M
+        if variant != "fma":  # dot, dot1, i8
+            if x2d.dtype == torch.float32:
+                raise ValueError(f"variant={variant!r} needs bfloat16/float16 x, got {x2d.dtype}; use variant='fma'")
             if offsets is not None:
                 raise ValueError(f"variant={variant!r} takes one group (offsets=None); use variant='fma'")
-            if variant == "dot1" and plane_words < 16:
-                raise ValueError(f"variant='dot1' needs plane_words >= 16 (a dot of K >= 16), got {plane_words}")
+        if variant in ("dot", "dot1") and M > DECODE_MAX_M:
+            raise ValueError(f"variant={variant!r} takes at most {DECODE_MAX_M} rows of x, got M={M}")
+        if variant == "dot1" and plane_words < 16:
+            raise ValueError(f"variant='dot1' needs plane_words >= 16 (a dot of K >= 16), got {plane_words}")
         cfg = dict({"fma": FMA_CONFIG, "i8": I8_CONFIG}.get(variant, DOT_CONFIG)) | (config or {})
         BN, BW, warps = _block_config(cfg, plane_words)
         if not words.is_contiguous():
@@ -682,9 +684,10 @@ if HAS_TRITON:
                 EVEN=even, num_warps=warps, **stage_arg)
             return y
         if variant == "i8":
-            xq = torch.empty(2 * M * 4 * KW + 2 * M, dtype=torch.int32, device=x2d.device)
-            hi, lo = xq[:M * 4 * KW], xq[M * 4 * KW:2 * M * 4 * KW]
-            sx, xs = xq[2 * M * 4 * KW:2 * M * 4 * KW + M].view(torch.float32), xq[2 * M * 4 * KW + M:]
+            n_words = M * 4 * KW  # pack_x16's hi and lo words, then sx (float32 bits) and Σx16 per row
+            hi, lo, sx, xs = torch.empty(2 * n_words + 2 * M, dtype=torch.int32, device=x2d.device).split(
+                [n_words, n_words, M, M])
+            sx = sx.view(torch.float32)
             _pack_x16_kernel[(M,)](x2d, hi, lo, sx, xs, K, 4 * KW, x2d.stride(0), L=L, BQ=1024, num_warps=4)
             _gemv2_i8_kernel[(M, n_blocks, split)](
                 hi, lo, sx, xs, words, E, y, ws, counters, N, KW, KW // 8, y.stride(0), iters, split,
