@@ -619,7 +619,8 @@ if HAS_TRITON:
         DEFAULT_SMALL_M_NARROW when plane_words < 16),
         "fma", "dot" or "dot1" (the dot variants: M <= 16, 16-bit x, no groups, plane_words >= 16
         for "dot1"), or "i8" (16-bit x, no groups: x as 16-bit fixed point, two dp4a per four trits;
-        its error against the float product is that of the fixed point, ~1e-5 of the output).
+        its error against the float product is that of the fixed point: at most sx/2 per activation,
+        ~4e-5 of the output's norm at K = 8192, experiments/x16_error.py).
         ``out``: optional contiguous (M, N) result buffer. ``ws``/``counters``: the split-K
         workspace (:func:`workspace`; zero, and left zero); allocated per call when absent.
         ``config`` (keys CONFIG_KEYS): BN, BW, warps, per_sm, optional split (forced number of K
