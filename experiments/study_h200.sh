@@ -12,6 +12,9 @@
 #   bash experiments/study_h200.sh float-now  # GEMV sweep (3 shapes, idle GPU), then issue 13: float twin x3 at
 #                                             # small with today's code beside `old` x3
 #   bash experiments/study_h200.sh routing-old  # the ablation again under rule old (6 small runs)
+#   bash experiments/study_h200.sh float-and-edges  # issue 13's float twin x3 with today's code beside `old` x3,
+#                                                   # and issue 14's (e) graph vs (b) frozen x3 each under rule old
+#   bash experiments/study_h200.sh finish-gemv  # wait, report, pack, then the M = 1 GEMV sweep at 8192^2 (idle GPU)
 #   bash experiments/study_h200.sh codes-large  # then 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 0-2,
 #                                               # frozen seeds 1, 2 (7 small runs, rule old)
 #   bash experiments/study_h200.sh finish     # wait, pack reports + run logs in one tarball, GEMV sweep
@@ -49,6 +52,8 @@ report() {
         --out "$OUT" --name rule_study_small_h200 2>&1
     [ -d "$STUDY/routing" ] && python3 experiments/routing_ablation.py report --root "$STUDY/routing" --steps 3052 \
         --out "$OUT" --name routing_ablation_small_h200 2>&1
+    [ -d "$STUDY/small-now" ] && python3 experiments/rule_study.py report --root "$STUDY/small-now" --steps 3052 \
+        --out "$OUT" --name rule_study_small_now_h200 2>&1
     [ -d "$STUDY/routing-old" ] && python3 experiments/routing_ablation.py report --root "$STUDY/routing-old" \
         --steps 3052 --out "$OUT" --name routing_ablation_old_small_h200 2>&1
     cat "$STUDY"/launch_*.log > "$OUT/study_launch_h200.log" 2>/dev/null
@@ -127,6 +132,33 @@ case "${1:-wait}" in
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         python3 experiments/rule_study.py report --root "$STUDY/small-now" --steps 3052 2>&1 | tail -4
         ;;
+    float-and-edges)  # the float twin eager runs are launch-bound (136 ms/step alone, ~40 ms of GPU work), so
+                      # three of them share the GPU with six captured ternary runs at little cost
+        device_info
+        mkdir -p "$STUDY/small-now"
+        for f in docs/measurements/rule_study_small2_h200.tar.gz docs/measurements/rule_study_small_old_h200.tar.gz; do
+            tar xzf "$f" -C "$STUDY/small-now" --strip-components=2 --wildcards './small/old-s*'
+        done
+        launch small_float_now rule_study.py run --root "$STUDY/small-now" "${SMALL[@]:2}" --variants float \
+            --seeds 0,1,2 --parallel 3
+        launch routing_old_edges routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph,frozen --seeds 0,1,2 \
+            --parallel 6
+        sleep 60
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+        WAIT_S=$((WAIT_S - SECONDS)) wait_all
+        ;;
+    finish-gemv)  # after float-and-edges: wait for the runs, pack reports and logs, then the GEMV sweep at 8192^2
+        wait_all
+        final="$OUT"; OUT="$STUDY/reports"; mkdir -p "$OUT"; report > "$OUT/report.log" 2>&1; OUT="$final"
+        (cd "$STUDY" && find . -name config.json -o -name metrics.jsonl -o -name train.log -o -name 'launch_*.log' \
+            -o -path './reports/*' | tar czf "$OUT/study_h200.tar.gz" -T -)
+        grep -v "^ *$" "$STUDY/reports/report.log" | tail -30
+        if pgrep -f "(rule_study|routing_ablation).py run" > /dev/null; then echo "runs still going: no GEMV sweep"; exit 0; fi
+        left="${GEMV_S:-150}"
+        timeout $((left + 30)) python3 experiments/bench_decode.py --out "$OUT" --skip-models --shapes 8192x8192 \
+            --budget-s "$left" 2>&1 | grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG" | tail -60
+        exit 0
+        ;;
     routing-old)  # the ablation again under rule old: graph/frozen/topk/hash seed 0, graph seeds 1, 2
         device_info
         launch routing_old routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph,frozen,topk,hash --seeds 0 \
@@ -197,7 +229,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|routing-old|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
