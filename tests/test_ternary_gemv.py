@@ -267,6 +267,22 @@ def test_per_row_kernels_match_their_reference(backend, n, k, plane_words, m, va
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_i8_pack_takes_rows_longer_than_one_pack_step(backend, gen):
+    """The x pack covers a row in steps of PACK_BLOCK activations: a row one step and a bit long,
+    its absmax in the second step, must give the same words as a row that fits in one."""
+    device = _device(backend)
+    n, k, L = 3, tg.PACK_BLOCK + 37, 32
+    packed, E = _weights(n, k, gen, device)
+    words = tg.pack_2bit(packed, k, plane_words=L)
+    x = torch.randn(2, k, generator=gen)
+    x[:, -5] = 40.0  # the absmax of both rows lies past the first step
+    x = x.to(device=device, dtype=torch.bfloat16)
+    ref = tg.gemv_x16_reference(x, words, E, k, L)
+    y = _run("i8", x, words, E, k, L, dict(BN=16, BW=32, split=3))
+    torch.testing.assert_close(y, ref, **_tolerance(torch.bfloat16, ref))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,k,plane_words", SHAPES)
 @pytest.mark.parametrize("m", [1, 5])
 def test_dot_kernels_match_reference(backend, n, k, plane_words, m, gen):
