@@ -67,6 +67,15 @@ wait_all() {  # until no launcher runs, or WAIT_S
     echo "waited ${t} s; launchers still running: $(pgrep -fc '(rule_study|routing_ablation).py run')"
 }
 
+float_now() {  # the float twin x3 at small with today's code, beside the sweep's `old` x3 (extracted)
+    mkdir -p "$STUDY/small-now"
+    for f in docs/measurements/rule_study_small2_h200.tar.gz docs/measurements/rule_study_small_old_h200.tar.gz; do
+        tar xzf "$f" -C "$STUDY/small-now" --strip-components=2 --wildcards './small/old-s*'
+    done
+    launch small_float_now rule_study.py run --root "$STUDY/small-now" "${SMALL[@]:2}" --variants float \
+        --seeds 0,1,2 --parallel 3
+}
+
 launch() {  # name, script, then its run arguments
     local name="$1" script="$2"; shift 2
     setsid nohup python3 "experiments/$script" "$@" >> "$STUDY/launch_$name.log" 2>&1 < /dev/null &
@@ -123,24 +132,14 @@ case "${1:-wait}" in
         device_info
         timeout 300 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 270 \
             2>&1 | grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG" | tail -80
-        mkdir -p "$STUDY/small-now"
-        for f in docs/measurements/rule_study_small2_h200.tar.gz docs/measurements/rule_study_small_old_h200.tar.gz; do
-            tar xzf "$f" -C "$STUDY/small-now" --strip-components=2 --wildcards './small/old-s*'
-        done
-        launch small_float_now rule_study.py run --root "$STUDY/small-now" "${SMALL[@]:2}" --variants float \
-            --seeds 0,1,2 --parallel 3
+        float_now
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         python3 experiments/rule_study.py report --root "$STUDY/small-now" --steps 3052 2>&1 | tail -4
         ;;
     float-and-edges)  # the float twin eager runs are launch-bound (136 ms/step alone, ~40 ms of GPU work), so
                       # three of them share the GPU with six captured ternary runs at little cost
         device_info
-        mkdir -p "$STUDY/small-now"
-        for f in docs/measurements/rule_study_small2_h200.tar.gz docs/measurements/rule_study_small_old_h200.tar.gz; do
-            tar xzf "$f" -C "$STUDY/small-now" --strip-components=2 --wildcards './small/old-s*'
-        done
-        launch small_float_now rule_study.py run --root "$STUDY/small-now" "${SMALL[@]:2}" --variants float \
-            --seeds 0,1,2 --parallel 3
+        float_now
         launch routing_old_edges routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph,frozen --seeds 0,1,2 \
             --parallel 6
         sleep 60
