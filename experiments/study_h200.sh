@@ -14,6 +14,9 @@
 #   bash experiments/study_h200.sh routing-old  # the ablation again under rule old (6 small runs)
 #   bash experiments/study_h200.sh float-and-edges  # issue 13's float twin x3 with today's code beside `old` x3,
 #                                                   # and issue 14's (e) graph vs (b) frozen x3 each under rule old
+#   bash experiments/study_h200.sh float-frozen  # issue 13's float twin x3 with today's code beside `old` x3, and
+#                                                # issue 14's (b) frozen x3 under rule old beside the same `old` x3
+#                                                # as (e) graph (routing graph is the default: the same runs)
 #   bash experiments/study_h200.sh finish-gemv  # wait, report, pack, then the M = 1 GEMV sweep at 8192^2 (idle GPU)
 #   bash experiments/study_h200.sh codes-large  # then 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 0-2,
 #                                               # frozen seeds 1, 2 (7 small runs, rule old)
@@ -146,6 +149,17 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
+    float-frozen)  # the six new runs of float-and-edges: (e) graph under rule old is the rule study's `old`
+        device_info
+        float_now
+        mkdir -p "$STUDY/routing-old"
+        for s in 0 1 2; do cp -r "$STUDY/small-now/old-s$s" "$STUDY/routing-old/graph-s$s"; done
+        launch routing_old_frozen routing_ablation.py run "${ROUTING_OLD[@]}" --variants frozen --seeds 0,1,2 \
+            --parallel 3
+        sleep 60
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+        WAIT_S=$((WAIT_S - SECONDS)) wait_all
+        ;;
     finish-gemv)  # after float-and-edges: wait for the runs, pack reports and logs, then the GEMV sweep at 8192^2
         wait_all
         final="$OUT"; OUT="$STUDY/reports"; mkdir -p "$OUT"; report > "$OUT/report.log" 2>&1; OUT="$final"
@@ -228,7 +242,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
