@@ -6,7 +6,7 @@ Sections, all in one run (every variant in its own try/except: a failure is logg
 goes on; a section that would overrun ``--budget-s`` is skipped and says so):
 
 1. GEMV, M = 1, at K->N 4096->4096, 8192->8192, 4096->14336: bf16 ``F.linear`` against every
-   variant / block config of ``kernels/ternary_gemv.py`` (2-bit layout: "fma", "dot", "dot1", "i8")
+   variant / block config of ``kernels/ternary_gemv.py`` (2-bit layout: "fma", "dot", "dot1", "i8", "i8f")
    and the training path's base-3 ``gemv_fma``. Every variant is checked against its torch
    reference (and the 2-bit reference against the base-3 one) before it is timed.
 2. Small M (2, 4, 8, 16) at 8192², and the stacked experts of default_3b (16 experts, 2048->2240
@@ -80,6 +80,12 @@ I8_CONFIGS = [("i8", dict(BN=64, BW=32, warps=4, per_sm=8)), ("i8", dict(BN=64, 
               ("i8", dict(BN=64, BW=32, warps=4, per_sm=8, maxnreg=96)), ("i8", dict(BN=32, BW=32, warps=4, per_sm=8)),
               ("i8", dict(BN=32, BW=32, warps=4, per_sm=16)), ("i8", dict(BN=64, BW=32, warps=8, per_sm=8)),
               ("i8", dict(BN=16, BW=32, warps=4, per_sm=16))]
+# "i8f": "i8" with the activation pack fused into the GEMV (one launch; per-K-slice scales)
+I8F_CONFIGS = [("i8f", dict(BN=64, BW=32, warps=4, per_sm=4)), ("i8f", dict(BN=64, BW=32, warps=4, per_sm=8)),
+               ("i8f", dict(BN=64, BW=32, warps=4, per_sm=2)), ("i8f", dict(BN=128, BW=32, warps=4, per_sm=4)),
+               ("i8f", dict(BN=32, BW=32, warps=4, per_sm=8)), ("i8f", dict(BN=64, BW=32, warps=8, per_sm=4)),
+               ("i8f", dict(BN=128, BW=32, warps=8, per_sm=2)), ("i8f", dict(BN=64, BW=64, warps=4, per_sm=4)),
+               ("i8f", dict(BN=64, BW=32, warps=4, split=1))]
 SMALL_M = (2, 4, 8, 16)
 EXPERTS = ((2048, 2240), (1120, 2048))  # default_3b: gate_up and down of each of 16 experts
 PRESETS = (("small", 64), ("default_3b", 32))  # preset, new tokens decoded
@@ -240,7 +246,7 @@ def gemv_shape(b: Bench, K: int, N: int, gen: torch.Generator) -> dict:
         b.add_gemv("gemv", shape, 1, "base3 gemv_fma (training path)", t, base, N * KB, err, mode)
     except Exception as exc:
         b.fail(f"{shape} base3 gemv_fma", exc)
-    variants = [("fma", c) for c in FMA_CONFIGS] + DOT_CONFIGS + I8_CONFIGS
+    variants = I8F_CONFIGS + I8_CONFIGS + [("fma", c) for c in FMA_CONFIGS] + DOT_CONFIGS
     for variant, cfg in variants:
         name = cfg_name(variant, cfg)
         try:
@@ -282,7 +288,7 @@ def gemv_small_m(b: Bench, gen: torch.Generator, best_fma: dict | None, K: int, 
         E = torch.randint(-16, -8, (N,), generator=gen, device=dev, dtype=torch.int8)
         copies.append(tg.DecodeWeights.from_state(packed, E, K))
     c0 = copies[0]
-    variants = [("fma", None), ("dot", None), ("dot1", None), ("i8", None)]
+    variants = [("fma", None), ("dot", None), ("dot1", None), ("i8", None), ("i8f", None)]
     if best_fma:
         variants.append(("fma", best_fma))
     for m in SMALL_M:
@@ -590,7 +596,8 @@ def kernel_report(b: Bench) -> None:
     from ternary_graph.kernels import ternary_gemv as tg
 
     props = torch.cuda.get_device_properties(0) if DEVICE == "cuda" else None
-    for fn_name in ("_gemv2_fma_kernel", "_gemv2_dot_kernel", "_gemv2_i8_kernel", "_pack_x16_kernel"):
+    for fn_name in ("_gemv2_fma_kernel", "_gemv2_dot_kernel", "_gemv2_i8_kernel", "_pack_x16_kernel",
+                    "_gemv2_i8f_kernel"):
         fn = getattr(tg, fn_name)
         for entry in list(getattr(fn, "device_caches", {}).values()):
             for key, k in list(entry[0].items()):

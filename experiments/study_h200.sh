@@ -17,6 +17,8 @@
 #   bash experiments/study_h200.sh float-frozen  # issue 13's float twin x3 with today's code beside `old` x3, and
 #                                                # issue 14's (b) frozen x3 under rule old beside the same `old` x3
 #                                                # as (e) graph (routing graph is the default: the same runs)
+#   bash experiments/study_h200.sh gemv-float-frozen  # CUDA tests and the M = 1 sweep of the decode GEMVs at three
+#                                                     # shapes on the idle GPU, then float-frozen's six runs
 #   bash experiments/study_h200.sh finish-gemv  # wait, report, pack, then the M = 1 GEMV sweep at 8192^2 (idle GPU)
 #   bash experiments/study_h200.sh codes-large  # then 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 0-2,
 #                                               # frozen seeds 1, 2 (7 small runs, rule old)
@@ -77,6 +79,12 @@ float_now() {  # the float twin x3 at small with today's code, beside the sweep'
     done
     launch small_float_now rule_study.py run --root "$STUDY/small-now" "${SMALL[@]:2}" --variants float \
         --seeds 0,1,2 --parallel 3
+}
+
+frozen_old() {  # issue 14's (b) x3 under rule old; (e) graph under old is the rule study's `old` (same flags)
+    mkdir -p "$STUDY/routing-old"
+    for s in 0 1 2; do cp -r "$STUDY/small-now/old-s$s" "$STUDY/routing-old/graph-s$s"; done
+    launch routing_old_frozen routing_ablation.py run "${ROUTING_OLD[@]}" --variants frozen --seeds 0,1,2 --parallel 3
 }
 
 launch() {  # name, script, then its run arguments
@@ -152,13 +160,23 @@ case "${1:-wait}" in
     float-frozen)  # the six new runs of float-and-edges: (e) graph under rule old is the rule study's `old`
         device_info
         float_now
-        mkdir -p "$STUDY/routing-old"
-        for s in 0 1 2; do cp -r "$STUDY/small-now/old-s$s" "$STUDY/routing-old/graph-s$s"; done
-        launch routing_old_frozen routing_ablation.py run "${ROUTING_OLD[@]}" --variants frozen --seeds 0,1,2 \
-            --parallel 3
+        frozen_old
         sleep 60
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
+        ;;
+    gemv-float-frozen)
+        device_info
+        timeout 120 python3 -m pytest tests/test_ternary_gemv.py -m cuda -q -p no:cacheprovider \
+            > "$OUT/pytest_gemv_cuda.log" 2>&1
+        tail -3 "$OUT/pytest_gemv_cuda.log"
+        timeout 240 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 200 \
+            2>&1 | grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG|bf16 F.linear" | tail -70
+        float_now
+        frozen_old
+        sleep 30
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+        WAIT_S=$((570 - SECONDS)) wait_all
         ;;
     finish-gemv)  # after float-and-edges: wait for the runs, pack reports and logs, then the GEMV sweep at 8192^2
         wait_all
@@ -168,6 +186,7 @@ case "${1:-wait}" in
         grep -v "^ *$" "$STUDY/reports/report.log" | tail -30
         if pgrep -f "(rule_study|routing_ablation).py run" > /dev/null; then echo "runs still going: no GEMV sweep"; exit 0; fi
         left="${GEMV_S:-150}"
+        [ "$left" -gt 0 ] || exit 0
         timeout $((left + 30)) python3 experiments/bench_decode.py --out "$OUT" --skip-models --shapes 8192x8192 \
             --budget-s "$left" 2>&1 | grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG" | tail -60
         exit 0
@@ -242,7 +261,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv

@@ -164,9 +164,30 @@ def test_x16_reference_is_within_its_rounding_bound_of_the_float_one(n, k, plane
     _, sx = tg._x16(x)
     # each activation is off by at most sx/2, so an output by at most sx/2 · Σ|t| · its row scale
     nonzero = unpack_trits(packed, k).double().abs().sum(dim=1)
-    bound = sx.double()[:, None] / 2 * (nonzero * exponent_to_scale(E, torch.float64))[None, :]
+    bound = sx.double()[:, 0, None] / 2 * (nonzero * exponent_to_scale(E, torch.float64))[None, :]
     assert ((y16 - y).abs() <= bound * 1.0001 + 1e-12).all()
     assert (y16 - y).abs().max() > 0  # the fixed point is not the float product
+    # "i8f"'s slices: each has a scale of its own, never coarser than the row's, so the same bound holds
+    y_sliced = tg.gemv_x16_reference(x, words, E, k, plane_words, slice_words=plane_words)
+    assert ((y_sliced - y).abs() <= bound * 1.0001 + 1e-12).all()
+
+
+def test_x16_slices_have_scales_of_their_own():
+    """A hand-made row: slice 0 (columns 0..127 at L = 8) holds 1.0 at most, slice 1 holds 100.0;
+    per slice each maps to X16_MAX, with one scale for the row the small values lose 100x."""
+    x = torch.zeros(1, 200, dtype=torch.float64)
+    x[0, 3], x[0, 130] = 1.0, 100.0
+    x16, sx = tg._x16(x, slice_cols=128)
+    assert sx.shape == (1, 2)
+    assert x16[0, 3] == tg.X16_MAX and x16[0, 130] == tg.X16_MAX
+    assert torch.allclose(sx[0], torch.tensor([1.0, 100.0]) / tg.X16_MAX)
+    x16_row, sx_row = tg._x16(x)
+    assert x16_row[0, 3] == round(tg.X16_MAX / 100) and sx_row.shape == (1, 1)
+    # a slice covering the whole row is the per-row fixed point
+    words = tg.pack_2bit(random_packed(3, 200), 200, plane_words=8)
+    E = torch.zeros(3, dtype=torch.int8)
+    assert torch.equal(tg.gemv_x16_reference(x, words, E, 200, 8, slice_words=16),
+                       tg.gemv_x16_reference(x, words, E, 200, 8))
 
 
 def test_bad_input_is_refused_naming_the_argument(gen):
@@ -212,6 +233,10 @@ def test_bad_input_is_refused_naming_the_argument(gen):
         tg.gemv_2bit_triton(x, words, E, 40, 8, variant="i8")
     with pytest.raises(ValueError, match="variant='i8' takes one group"):
         tg.gemv_2bit_triton(x.bfloat16(), words, E, 40, 8, variant="i8", offsets=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="variant='i8f' needs bfloat16/float16 x"):
+        tg.gemv_2bit_triton(x, words, E, 40, 8, variant="i8f")
+    with pytest.raises(ValueError, match="slice_words must be a positive multiple of plane_words=8, got 12"):
+        tg.gemv_x16_reference(x, words, E, 40, 8, slice_words=12)
     with pytest.raises(ValueError, match="config stages must be a positive int .* got 0"):
         tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(stages=0))
     with pytest.raises(ValueError, match=r"config keys must be among .* got \['prefetch'\]"):
@@ -250,7 +275,8 @@ def _splits(plane_words: int) -> list[dict]:
 # (variant, activation dtype): fma against the float reference (itself checked against the fp64
 # oracle), i8 against its fixed-point reference (integer products: exact up to the output rounding)
 @pytest.mark.parametrize("variant,dtype", [("fma", torch.float32), ("fma", torch.bfloat16),
-                                           ("i8", torch.bfloat16), ("i8", torch.float16)])
+                                           ("i8", torch.bfloat16), ("i8", torch.float16),
+                                           ("i8f", torch.bfloat16), ("i8f", torch.float16)])
 def test_per_row_kernels_match_their_reference(backend, n, k, plane_words, m, variant, dtype, gen):
     device = _device(backend)
     packed, E = _weights(n, k, gen, device)
@@ -259,9 +285,11 @@ def test_per_row_kernels_match_their_reference(backend, n, k, plane_words, m, va
     if variant == "fma":
         ref = tg.gemv_2bit_reference(x, words, E, k, plane_words)
         torch.testing.assert_close(ref.double().cpu(), _oracle(x, packed, E, k), **_tolerance(dtype, ref))
-    else:
-        ref = tg.gemv_x16_reference(x, words, E, k, plane_words)
     for cfg in _splits(plane_words) if m == 1 else _splits(plane_words)[1::2]:
+        if variant != "fma":  # i8 quantises per row, i8f per K slice of the launch
+            slices = (tg.i8f_slice_words(m, n, words.shape[1], plane_words, x.device, cfg)
+                      if variant == "i8f" else None)
+            ref = tg.gemv_x16_reference(x, words, E, k, plane_words, slice_words=slices)
         y = _run(variant, x, words, E, k, plane_words, cfg)
         torch.testing.assert_close(y, ref, **_tolerance(dtype, ref), msg=lambda s: f"{cfg}: {s}")
 
@@ -321,9 +349,12 @@ def test_float16_every_variant(backend, gen):
     x = torch.randn(4, k, generator=gen).to(device=device, dtype=torch.float16)
     ref = tg.gemv_2bit_reference(x, words, E, k, L)
     ref16 = tg.gemv_x16_reference(x, words, E, k, L)  # "i8" multiplies by x in 16-bit fixed point
-    for variant in ("fma", "dot", "dot1", "i8", "auto"):
-        y = _run(variant, x, words, E, k, L, dict(BN=16, BW=16, split=2))
-        want = ref16 if variant == "i8" else ref
+    cfg = dict(BN=16, BW=16, split=2)
+    ref16f = tg.gemv_x16_reference(x, words, E, k, L, slice_words=tg.i8f_slice_words(4, n, words.shape[1], L,
+                                                                                      x.device, cfg))
+    for variant in ("fma", "dot", "dot1", "i8", "i8f", "auto"):
+        y = _run(variant, x, words, E, k, L, cfg)
+        want = {"i8": ref16, "i8f": ref16f}.get(variant, ref)
         torch.testing.assert_close(y, want, **_tolerance(torch.float16, want), msg=lambda s: f"{variant}: {s}")
 
 
@@ -464,11 +495,14 @@ def test_cuda_untuned_shapes_every_variant(n, k, dtype, gen):
     for m in (1, 4, 16):
         x = torch.randn(m, k, generator=gen).to(device="cuda", dtype=dtype)
         ref = tg.gemv_2bit_reference(x, copy.words, copy.E, k, copy.plane_words)
-        variants = ["auto", "fma"] + (["dot", "i8"] + (["dot1"] if copy.plane_words >= 16 else [])
+        variants = ["auto", "fma"] + (["dot", "i8", "i8f"] + (["dot1"] if copy.plane_words >= 16 else [])
                                       if dtype != torch.float32 else [])
         for variant in variants:
             y = _run(variant, x, copy.words, copy.E, k, copy.plane_words, None, ws=copy.ws, counters=copy.counters)
-            want = tg.gemv_x16_reference(x, copy.words, copy.E, k, copy.plane_words) if variant == "i8" else ref
+            slices = (tg.i8f_slice_words(m, n, copy.words.shape[1], copy.plane_words, x.device)
+                      if variant == "i8f" else None)
+            want = (tg.gemv_x16_reference(x, copy.words, copy.E, k, copy.plane_words, slice_words=slices)
+                    if variant in ("i8", "i8f") else ref)
             torch.testing.assert_close(y, want, **_tolerance(dtype, want), msg=lambda s: f"m={m} {variant}: {s}")
         assert not copy.ws.any() and not copy.counters.any()
 

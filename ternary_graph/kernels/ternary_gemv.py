@@ -32,6 +32,10 @@ Decoding without any int→float conversion (the float's mantissa *is* the 2-bit
     and two dp4a multiply them by their four activations into exact int32 sums (no float decode,
     and half the ALU work of ``fma``). Its result is the exact product with the fixed-point
     activations (:func:`gemv_x16_reference`), within ``sx/2·Σ|t|·s`` of the float one.
+  * ``i8f``: ``i8`` in one launch. Each program quantises its own K slice of the row with that
+    slice's absmax (a finer scale than the row's), writes the packed words to a small buffer that
+    every program of the slice fills identically, and runs the ``i8`` loop over them: no pack
+    kernel to launch and wait for, at the cost of re-reading x's slice once per row block.
 The row scale ``2^(E/4)`` is applied once per output, after the reduction.
 
 Split-K. When the N blocks alone give too few programs to keep the GPU's memory system busy, the
@@ -63,7 +67,7 @@ TRITS_PER_WORD = 16
 PLANE_WORD_CHOICES = (32, 16, 8)  # tried largest first by choose_plane_words
 DECODE_MAX_M = 16  # activation rows the decode path takes (the layers fall back above it)
 MIN_BN = 16  # smallest row block of any kernel: the split-K counters are sized for it
-VARIANTS = ("auto", "fma", "dot", "dot1", "i8")
+VARIANTS = ("auto", "fma", "dot", "dot1", "i8", "i8f")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Which kernel "auto" takes, from experiments/bench_decode.py on the H200 (docs/kernels.md): at
 # M = 1 "fma" (1.43-2.01x bf16); for 2 <= M <= 16 with 16-bit activations and one group "dot1"
@@ -76,6 +80,7 @@ DEFAULT_SMALL_M_NARROW = "dot"
 FMA_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=8)
 DOT_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)
 I8_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)  # sm4 16.9 µs vs sm8 18.6 at 8192², H200
+I8F_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)  # not yet swept (experiments/bench_decode.py)
 PACK_BLOCK = 8192  # activations per step of the i8 variant's x pack (a whole 8192-wide row: 32 per thread)
 CONFIG_KEYS = ("BN", "BW", "warps", "per_sm", "split", "stages", "maxnreg")
 X16_MAX = 32767  # "i8": activations as 16-bit fixed point, x ≈ sx · (256·hi + lo), |256·hi + lo| <= X16_MAX
@@ -190,13 +195,17 @@ def gemv_2bit_reference(x2d: torch.Tensor, words: torch.Tensor, E: torch.Tensor,
     return y
 
 
-def _x16(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row 16-bit fixed point: (x16 int32 (M, K), sx float32 (M,)) with x ≈ sx·x16; rounds
-    half away from zero, as the kernel does."""
+def _x16(x2d: torch.Tensor, slice_cols: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """16-bit fixed point: (x16 int32 (M, K), sx float32 (M, S)) with x ≈ sx·x16, one scale per
+    row (S = 1) or, with ``slice_cols``, per run of ``slice_cols`` columns of a row (the "i8f"
+    variant's K slices; S = ceil(K / slice_cols)). Rounds half away from zero, as the kernels do."""
     xf = x2d.float()
-    absmax = xf.abs().amax(dim=1).clamp_min(X16_ABSMAX_FLOOR)
-    inv = X16_MAX / absmax
-    v = xf * inv[:, None]
+    M, K = xf.shape
+    width = K if slice_cols is None else slice_cols
+    S = -(-K // width)
+    padded = torch.nn.functional.pad(xf, (0, S * width - K)).view(M, S, width)
+    absmax = padded.abs().amax(dim=2).clamp_min(X16_ABSMAX_FLOOR)
+    v = (padded * (X16_MAX / absmax)[:, :, None]).reshape(M, S * width)[:, :K]
     x16 = torch.where(v >= 0, v + 0.5, v - 0.5).to(torch.int32).clamp_(-X16_MAX, X16_MAX)
     return x16, absmax / X16_MAX
 
@@ -218,6 +227,7 @@ def pack_x16(x2d: torch.Tensor, in_features: int, plane_words: int) -> dict[str,
     L = plane_words
     KW = words_per_row(in_features, L)
     x16, sx = _x16(x2d)
+    sx = sx[:, 0]
     M = x2d.shape[0]
     cols = torch.nn.functional.pad(x16, (0, KW * TRITS_PER_WORD - in_features))  # zeros up to the block end
     f = cols.view(M, KW // L, 4, 4, L)  # (row, block, byte i, j, c): column b·16L + (4i + j)·L + c
@@ -232,13 +242,24 @@ def pack_x16(x2d: torch.Tensor, in_features: int, plane_words: int) -> dict[str,
 
 
 def gemv_x16_reference(x2d: torch.Tensor, words: torch.Tensor, E: torch.Tensor, in_features: int,
-                       plane_words: int) -> torch.Tensor:
-    """Oracle of the "i8" variant: the exact product of the trits with the fixed-point activations,
-    ``sx · Σ t·x16``, scaled per row. Shapes: x2d (M, K), words (N, KW), E (N,) -> (M, N) in x2d's dtype."""
-    x16, sx = _x16(x2d)
+                       plane_words: int, *, slice_words: int | None = None) -> torch.Tensor:
+    """Oracle of the "i8" and "i8f" variants: the exact product of the trits with the fixed-point
+    activations, ``Σ_slices sx · Σ t·x16``, scaled per row. "i8" quantises each row with one
+    scale (``slice_words=None``); "i8f" each K slice of ``slice_words`` words (16 columns per
+    word) with its own (:func:`i8f_slice_words` says which).
+    Shapes: x2d (M, K), words (N, KW), E (N,) -> (M, N) in x2d's dtype."""
+    if slice_words is not None and (not isinstance(slice_words, int) or isinstance(slice_words, bool)
+                                    or slice_words < 1 or slice_words % plane_words):
+        raise ValueError(f"slice_words must be a positive multiple of plane_words={plane_words}, got {slice_words!r}")
+    slice_cols = None if slice_words is None else TRITS_PER_WORD * slice_words
+    x16, sx = _x16(x2d, slice_cols)
     trits = unpack_2bit(words, in_features, plane_words).to(torch.float64)
-    y = (x16.to(torch.float64) @ trits.T) * sx.double()[:, None] * exponent_to_scale(E, torch.float64)
-    return y.to(x2d.dtype)
+    width = in_features if slice_cols is None else slice_cols
+    y = torch.zeros(x2d.shape[0], words.shape[0], dtype=torch.float64, device=x2d.device)
+    for s_i, c0 in enumerate(range(0, in_features, width)):
+        part = x16[:, c0:c0 + width].to(torch.float64) @ trits[:, c0:c0 + width].T
+        y += part * sx[:, s_i].double()[:, None]
+    return (y * exponent_to_scale(E, torch.float64)).to(x2d.dtype)
 
 
 def check_gemv_args(x2d: torch.Tensor, words: torch.Tensor, E: torch.Tensor, in_features: int, plane_words: int,
@@ -551,6 +572,82 @@ if HAS_TRITON:
         _finish(total, scale, y_ptr + m * stride_ym + offs_n, ws_ptr + m * N + offs_n, n_ok,
                 cnt_ptr + m * tl.num_programs(1) + pid_n, n_split, SPLIT)
 
+    @triton.jit(do_not_specialize=["N", "K", "KW", "stride_w8", "stride_ym", "iters", "n_split"])
+    def _gemv2_i8f_kernel(x_ptr, xq_ptr, w_ptr, e_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, stride_xm, stride_w8,
+                          stride_ym, iters, n_split, L: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
+                          SPLIT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
+        """"i8" with the activation pack fused in: each program quantises its own K slice of x
+        with the slice's absmax, writes the packed words to ``xq`` (every program of the slice
+        writes the same words), and runs the i8 loop over them. No second launch to wait for."""
+        m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        x_row = x_ptr + m.to(tl.int64) * stride_xm
+        KQ = 4 * KW
+        hi_row = xq_ptr + m.to(tl.int64) * (2 * KQ)
+        lo_row = hi_row + KQ
+        w_start = pid_k * (iters * BW)
+        n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
+        # the slice's absmax: columns 16·w_start .. 16·(w_start + n_it·BW), a step of 16·BW at a time
+        offs_c = tl.arange(0, 16 * BW)
+        absmax = tl.zeros((16 * BW,), dtype=tl.float32)
+        for it in range(0, n_it):
+            cols = 16 * (w_start + it * BW) + offs_c
+            absmax = tl.maximum(absmax, tl.abs(tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)))
+        amax = tl.maximum(tl.max(absmax, axis=0), _X16_ABSMAX_FLOOR)
+        inv = _X16_MAX / amax
+        # the slice's packed words (pack_x16's byte order), 4·BW per step
+        offs_q = tl.arange(0, 4 * BW)
+        xsum = tl.zeros((4 * BW,), dtype=tl.int32)
+        for it in range(0, n_it):
+            q = 4 * (w_start + it * BW) + offs_q
+            base = (q // (4 * L)) * (16 * L) + ((q // L) % 4) * L + q % L  # column of byte 0
+            hi = tl.zeros((4 * BW,), dtype=tl.int32)
+            lo = tl.zeros((4 * BW,), dtype=tl.int32)
+            for i in tl.static_range(4):
+                cols = base + 4 * i * L
+                v = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32) * inv
+                x16 = tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
+                x16 = tl.minimum(tl.maximum(x16, -_X16_MAX), _X16_MAX)
+                xsum += x16
+                hi = hi | (((x16 >> 8) & 0xFF) << (8 * i))
+                lo = lo | ((x16 & 0xFF) << (8 * i))
+            tl.store(hi_row + q, hi, mask=q < KQ)
+            tl.store(lo_row + q, lo, mask=q < KQ)
+        # the words were written by this program's threads (and identically by the slice's other
+        # programs): after the barrier every thread sees them; loads go to L2 (.cg), not to L1
+        tl.debug_barrier()
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        rows = offs_n.to(tl.int64)
+        w_rows = w_ptr + rows[:, None] * (stride_w8 * 8)  # see _gemv2_fma_kernel: 32-byte aligned rows
+        offs_w = tl.arange(0, BW)
+        q_base = (offs_w // L) * (4 * L) + offs_w % L
+        acc_hi = tl.zeros((BN, BW), dtype=tl.int32)
+        acc_lo = tl.zeros((BN, BW), dtype=tl.int32)
+        for it in range(0, n_it):
+            w0 = w_start + it * BW
+            wi = w0 + offs_w
+            wd = _load_words(w_rows, wi, n_ok, KW, EVEN)
+            q = (w0 // L) * (4 * L) + q_base
+            for j in tl.static_range(4):
+                a = (wd >> (2 * j)) & 0x03030303
+                if EVEN:
+                    xh = tl.load(hi_row + q + j * L, cache_modifier=".cg")
+                    xl = tl.load(lo_row + q + j * L, cache_modifier=".cg")
+                else:
+                    xh = tl.load(hi_row + q + j * L, mask=wi < KW, other=0, cache_modifier=".cg")
+                    xl = tl.load(lo_row + q + j * L, mask=wi < KW, other=0, cache_modifier=".cg")
+                acc_hi = _dp4a(a, tl.broadcast_to(xh[None, :], (BN, BW)), acc_hi, True, ASM)
+                acc_lo = _dp4a(a, tl.broadcast_to(xl[None, :], (BN, BW)), acc_lo, False, ASM)
+        total = 256.0 * tl.sum(acc_hi, axis=1).to(tl.float32) + tl.sum(acc_lo, axis=1).to(tl.float32)
+        total -= tl.sum(xsum, axis=0).to(tl.float32)  # this slice's Σ x16 (t = d - 1)
+        # slices differ in scale, so each partial carries its own sx into the split-K sum
+        total *= amax / _X16_MAX
+        scale = _row_scale(tl.load(e_ptr + rows, mask=n_ok, other=0))
+        _finish(total, scale, y_ptr + m * stride_ym + offs_n, ws_ptr + m * N + offs_n, n_ok,
+                cnt_ptr + m * tl.num_programs(1) + pid_n, n_split, SPLIT)
+
     _SM_COUNT: dict = {}
 
     def _sm_count(device: torch.device) -> int:
@@ -606,6 +703,17 @@ if HAS_TRITON:
             raise ValueError(f"config warps must be a power of two, got {warps}")
         return BN, BW, warps
 
+    def i8f_slice_words(M: int, N: int, KW: int, plane_words: int, device: torch.device,
+                        config: dict | None = None) -> int:
+        """Words of each K slice that "i8f" quantises with one scale, for an (M, K) x against N
+        rows of KW words: the launcher's split-K step (it depends on the SM count, so the result of
+        "i8f" may differ between GPUs by the fixed point's rounding; :func:`gemv_x16_reference`
+        with this ``slice_words`` is its exact oracle)."""
+        cfg = dict(I8F_CONFIG) | (config or {})
+        BN, BW, _ = _block_config(cfg, plane_words)
+        _, iters = _split(triton.cdiv(N, BN) * M, KW, BW, device, cfg)
+        return iters * BW
+
     def gemv_2bit_triton(x2d: torch.Tensor, words: torch.Tensor, E: torch.Tensor, in_features: int,
                          plane_words: int, *, offsets: torch.Tensor | None = None, variant: str = "auto",
                          out: torch.Tensor | None = None, ws: torch.Tensor | None = None,
@@ -623,7 +731,8 @@ if HAS_TRITON:
         "fma", "dot" or "dot1" (the dot variants: M <= 16, 16-bit x, no groups, plane_words >= 16
         for "dot1"), or "i8" (16-bit x, no groups: x as 16-bit fixed point, two dp4a per four trits;
         its error against the float product is that of the fixed point: at most sx/2 per activation,
-        ~4e-5 of the output's norm at K = 8192, experiments/x16_error.py).
+        ~4e-5 of the output's norm at K = 8192, experiments/x16_error.py), or "i8f" (the same, one
+        launch: each program quantises its own K slice with the slice's scale, see :func:`i8f_slice_words`).
         ``out``: optional contiguous (M, N) result buffer. ``ws``/``counters``: the split-K
         workspace (:func:`workspace`; zero, and left zero); allocated per call when absent.
         ``config`` (keys CONFIG_KEYS): BN, BW, warps, per_sm, optional split (forced number of K
@@ -647,7 +756,7 @@ if HAS_TRITON:
             raise ValueError(f"variant={variant!r} takes at most {DECODE_MAX_M} rows of x, got M={M}")
         if variant == "dot1" and plane_words < 16:
             raise ValueError(f"variant='dot1' needs plane_words >= 16 (a dot of K >= 16), got {plane_words}")
-        cfg = dict({"fma": FMA_CONFIG, "i8": I8_CONFIG}.get(variant, DOT_CONFIG)) | (config or {})
+        cfg = dict({"fma": FMA_CONFIG, "i8": I8_CONFIG, "i8f": I8F_CONFIG}.get(variant, DOT_CONFIG)) | (config or {})
         BN, BW, warps = _block_config(cfg, plane_words)
         if not words.is_contiguous():
             raise ValueError(f"words must be contiguous, got strides {words.stride()}")
@@ -673,7 +782,7 @@ if HAS_TRITON:
         L, K, KW = plane_words, in_features, words.shape[1]
         even = KW % BW == 0 and K == TRITS_PER_WORD * KW  # no column of any step needs a mask
         n_blocks = triton.cdiv(N, BN)
-        split, iters = _split(n_blocks * (M if variant in ("fma", "i8") else 1), KW, BW, x2d.device, cfg)
+        split, iters = _split(n_blocks * (M if variant in ("fma", "i8", "i8f") else 1), KW, BW, x2d.device, cfg)
         if split > 1:
             if ws is None or counters is None:
                 ws, counters = workspace(M, N, x2d.device)
@@ -700,6 +809,13 @@ if HAS_TRITON:
                 L=L, BN=BN, BW=BW, SPLIT=split > 1, EVEN=KW % BW == 0, ASM=not interpreting(), num_warps=warps,
                 **stage_arg)
             return y
+        if variant == "i8f":
+            xq = torch.empty(M * 8 * KW, dtype=torch.int32, device=x2d.device)  # hi then lo words per row
+            _gemv2_i8f_kernel[(M, n_blocks, split)](
+                x2d, xq, words, E, y, ws, counters, N, K, KW, x2d.stride(0), KW // 8, y.stride(0), iters, split,
+                L=L, BN=BN, BW=BW, SPLIT=split > 1, EVEN=KW % BW == 0, ASM=not interpreting(), num_warps=warps,
+                **stage_arg)
+            return y
         pos, base = (5, 0x3F80) if x2d.dtype == torch.bfloat16 else (8, 0x3C00)  # top 2 mantissa bits of 1.0
         _gemv2_dot_kernel[(n_blocks, split)](
             x2d, words, E, y, ws, counters, M, N, K, KW, x2d.stride(0), KW // 8, y.stride(0), iters, split,
@@ -710,6 +826,7 @@ if HAS_TRITON:
 else:  # pragma: no cover - installs without Triton use the torch reference everywhere
     gemv_2bit_triton = None
     workspace = None
+    i8f_slice_words = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -803,6 +920,6 @@ def decode_bytes_per_param(in_features: int) -> float:
 
 
 __all__ = ["DECODE_MAX_M", "DecodeWeights", "choose_plane_words", "decode_bytes_per_param", "decode_gemv",
-           "gemv_2bit_reference", "gemv_2bit_triton", "gemv_x16_reference", "pack_2bit", "pack_x16", "unpack_2bit",
+           "gemv_2bit_reference", "gemv_2bit_triton", "gemv_x16_reference", "i8f_slice_words", "pack_2bit", "pack_x16", "unpack_2bit",
            "words_per_row", "workspace"]
 
