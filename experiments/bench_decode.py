@@ -247,6 +247,9 @@ def gemv_shape(b: Bench, K: int, N: int, gen: torch.Generator) -> dict:
     except Exception as exc:
         b.fail(f"{shape} base3 gemv_fma", exc)
     variants = I8F_CONFIGS + I8_CONFIGS + [("fma", c) for c in FMA_CONFIGS] + DOT_CONFIGS
+    if b.args.variants:  # the chosen kinds; fma always keeps its default config, the baseline of the 2-bit kernels
+        kinds = b.args.variants.split(",")
+        variants = [(v, c) for v, c in variants if v in kinds or (v == "fma" and c == FMA_CONFIGS[0])]
     for variant, cfg in variants:
         name = cfg_name(variant, cfg)
         try:
@@ -636,6 +639,8 @@ def main() -> int:
     ap.add_argument("--reps-ms", type=int, default=60, help="do_bench time per measurement")
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip sections that would run past this")
     ap.add_argument("--skip-models", action="store_true", help="GEMV sections only")
+    ap.add_argument("--variants", default="", help="M = 1 sweep: only these kinds, comma-separated (e.g. i8f,i8; "
+                    "the default fma config is always timed); empty: all")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN list, M = 1 sweep")
     ap.add_argument("--small-m-shape", default="8192x8192", help="KxN of the small-M section")
     ap.add_argument("--experts", default=",".join(f"{k}x{n}" for k, n in EXPERTS), help="KxN of each of 16 experts")

@@ -167,10 +167,10 @@ case "${1:-wait}" in
         ;;
     gemv-float-frozen)
         device_info
-        timeout 120 python3 -m pytest tests/test_ternary_gemv.py -m cuda -q -p no:cacheprovider \
+        timeout 100 python3 -m pytest tests/test_ternary_gemv.py -m cuda -q -p no:cacheprovider -k "i8" \
             > "$OUT/pytest_gemv_cuda.log" 2>&1
         tail -3 "$OUT/pytest_gemv_cuda.log"
-        timeout 240 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 200 \
+        timeout 150 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 120 --variants i8f,i8 \
             2>&1 | grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG|bf16 F.linear" | tail -70
         float_now
         frozen_old
