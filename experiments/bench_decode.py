@@ -85,7 +85,8 @@ I8F_CONFIGS = [("i8f", dict(BN=64, BW=32, warps=4, per_sm=4)), ("i8f", dict(BN=6
                ("i8f", dict(BN=64, BW=32, warps=4, per_sm=2)), ("i8f", dict(BN=128, BW=32, warps=4, per_sm=4)),
                ("i8f", dict(BN=32, BW=32, warps=4, per_sm=8)), ("i8f", dict(BN=64, BW=32, warps=8, per_sm=4)),
                ("i8f", dict(BN=128, BW=32, warps=8, per_sm=2)), ("i8f", dict(BN=64, BW=64, warps=4, per_sm=4)),
-               ("i8f", dict(BN=64, BW=32, warps=4, split=1))]
+               ("i8f", dict(BN=64, BW=32, warps=4, split=1)), ("i8f", dict(BN=32, BW=32, warps=4, per_sm=16)),
+               ("i8f", dict(BN=16, BW=32, warps=4, per_sm=16))]
 SMALL_M = (2, 4, 8, 16)
 EXPERTS = ((2048, 2240), (1120, 2048))  # default_3b: gate_up and down of each of 16 experts
 PRESETS = (("small", 64), ("default_3b", 32))  # preset, new tokens decoded

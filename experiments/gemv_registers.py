@@ -31,6 +31,8 @@ FMA_POINTERS = dict(x_ptr="*bf16", w_ptr="*i32", e_ptr="*i8", off_ptr="*i8", y_p
                     cnt_ptr="*i32")
 I8_POINTERS = dict(hi_ptr="*i32", lo_ptr="*i32", sx_ptr="*fp32", xs_ptr="*i32", w_ptr="*i32", e_ptr="*i8",
                    y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
+I8F_POINTERS = dict(x_ptr="*bf16", xq_ptr="*i32", w_ptr="*i32", e_ptr="*i8", y_ptr="*bf16", ws_ptr="*fp32",
+                    cnt_ptr="*i32")
 # (BN, BW, warps): the measured default first, then tiles with fewer elements per thread
 TILES = ((64, 32, 4), (32, 32, 2), (128, 32, 4), (32, 32, 4), (16, 32, 4), (64, 32, 8))
 
@@ -61,7 +63,8 @@ def main() -> int:
         for name, kernel, pointers, consts in (
                 ("fma", tg._gemv2_fma_kernel, FMA_POINTERS,
                  dict(L=32, BN=BN, BW=BW, GP=1, HAS_GROUPS=False, SPLIT=True, EVEN=True)),
-                ("i8", tg._gemv2_i8_kernel, I8_POINTERS, dict(L=32, BN=BN, BW=BW, SPLIT=True, EVEN=True, ASM=True))):
+                ("i8", tg._gemv2_i8_kernel, I8_POINTERS, dict(L=32, BN=BN, BW=BW, SPLIT=True, EVEN=True, ASM=True)),
+                ("i8f", tg._gemv2_i8f_kernel, I8F_POINTERS, dict(L=32, BN=BN, BW=BW, SPLIT=True, EVEN=True, ASM=True))):
             regs = registers(kernel, pointers, consts, warps)
             fit = min(64 // warps, REGISTERS_PER_SM // (regs * 32 * warps))  # 64 warps per SM at most
             print(f"{f'{BN}x{BW}, {warps}':>16} {name:>6} {regs:>10} {fit:>12}")
