@@ -497,6 +497,61 @@ if HAS_TRITON:
                 r += ((a >> (8 * i)) & 0xFF) * bi
         return r
 
+    @triton.jit
+    def _x16_words(x_row, q, K, q_ok, inv, L: tl.constexpr):
+        """Packed x words ``q`` (:func:`pack_x16`'s byte order) of a row quantised by ``inv``:
+        (hi, lo, Σ x16 per word)."""
+        base = (q // (4 * L)) * (16 * L) + ((q // L) % 4) * L + q % L  # column of byte 0
+        hi = tl.zeros(q.shape, dtype=tl.int32)
+        lo = tl.zeros(q.shape, dtype=tl.int32)
+        xsum = tl.zeros(q.shape, dtype=tl.int32)
+        for i in tl.static_range(4):
+            cols = base + 4 * i * L
+            v = tl.load(x_row + cols, mask=(cols < K) & q_ok, other=0.0).to(tl.float32) * inv
+            x16 = tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
+            x16 = tl.minimum(tl.maximum(x16, -_X16_MAX), _X16_MAX)
+            xsum += x16
+            hi = hi | (((x16 >> 8) & 0xFF) << (8 * i))
+            lo = lo | ((x16 & 0xFF) << (8 * i))
+        return hi, lo, xsum
+
+    @triton.jit
+    def _load_x_word(ptrs, ok, EVEN: tl.constexpr, L2_ONLY: tl.constexpr):
+        """Packed x words at ``ptrs`` (zeros where not ``ok``, unless EVEN: all in range)."""
+        if EVEN:
+            if L2_ONLY:
+                v = tl.load(ptrs, cache_modifier=".cg")
+            else:
+                v = tl.load(ptrs)
+        else:
+            if L2_ONLY:
+                v = tl.load(ptrs, mask=ok, other=0, cache_modifier=".cg")
+            else:
+                v = tl.load(ptrs, mask=ok, other=0)
+        return v
+
+    @triton.jit
+    def _i8_sums(w_rows, hi_row, lo_row, n_ok, w_start, n_it, KW, L: tl.constexpr, BN: tl.constexpr,
+                 BW: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr, L2_ONLY: tl.constexpr):
+        """The i8 loop over ``n_it`` steps of BW words from ``w_start``: exact (Σ d·hi, Σ d·lo) per
+        row. ``L2_ONLY``: x words load through L2 (.cg), for words this kernel wrote itself."""
+        offs_w = tl.arange(0, BW)
+        q_base = (offs_w // L) * (4 * L) + offs_w % L  # the x word of byte group j = 0 of each word column
+        acc_hi = tl.zeros((BN, BW), dtype=tl.int32)
+        acc_lo = tl.zeros((BN, BW), dtype=tl.int32)
+        for it in range(0, n_it):
+            w0 = w_start + it * BW
+            wi = w0 + offs_w
+            wd = _load_words(w_rows, wi, n_ok, KW, EVEN)
+            q = (w0 // L) * (4 * L) + q_base
+            for j in tl.static_range(4):
+                a = (wd >> (2 * j)) & 0x03030303  # fields 4i + j in byte i: d = 0, 1, 2
+                xh = _load_x_word(hi_row + q + j * L, wi < KW, EVEN, L2_ONLY)
+                xl = _load_x_word(lo_row + q + j * L, wi < KW, EVEN, L2_ONLY)
+                acc_hi = _dp4a(a, tl.broadcast_to(xh[None, :], (BN, BW)), acc_hi, True, ASM)
+                acc_lo = _dp4a(a, tl.broadcast_to(xl[None, :], (BN, BW)), acc_lo, False, ASM)
+        return tl.sum(acc_hi, axis=1), tl.sum(acc_lo, axis=1)
+
     @triton.jit(do_not_specialize=["K", "KQ", "stride_xm"])
     def _pack_x16_kernel(x_ptr, hi_ptr, lo_ptr, sx_ptr, xs_ptr, K, KQ, stride_xm, L: tl.constexpr,
                          BK: tl.constexpr, BQ: tl.constexpr):
@@ -514,17 +569,8 @@ if HAS_TRITON:
         xsum = tl.zeros((BQ,), dtype=tl.int32)
         for q0 in range(0, KQ, BQ):
             q = q0 + tl.arange(0, BQ)
-            base = (q // (4 * L)) * (16 * L) + ((q // L) % 4) * L + q % L  # column of byte 0
-            hi = tl.zeros((BQ,), dtype=tl.int32)
-            lo = tl.zeros((BQ,), dtype=tl.int32)
-            for i in tl.static_range(4):
-                cols = base + 4 * i * L
-                v = tl.load(x_row + cols, mask=(cols < K) & (q < KQ), other=0.0).to(tl.float32) * inv
-                x16 = tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
-                x16 = tl.minimum(tl.maximum(x16, -_X16_MAX), _X16_MAX)
-                xsum += x16
-                hi = hi | (((x16 >> 8) & 0xFF) << (8 * i))
-                lo = lo | ((x16 & 0xFF) << (8 * i))
+            hi, lo, xs = _x16_words(x_row, q, K, q < KQ, inv, L)
+            xsum += xs
             tl.store(hi_ptr + m * KQ + q, hi, mask=q < KQ)
             tl.store(lo_ptr + m * KQ + q, lo, mask=q < KQ)
         tl.store(sx_ptr + m, amax / _X16_MAX)
@@ -541,32 +587,13 @@ if HAS_TRITON:
         n_ok = offs_n < N
         rows = offs_n.to(tl.int64)
         w_rows = w_ptr + rows[:, None] * (stride_w8 * 8)  # see _gemv2_fma_kernel: 32-byte aligned rows
-        offs_w = tl.arange(0, BW)
-        q_base = (offs_w // L) * (4 * L) + offs_w % L  # the x word of byte group j = 0 of each word column
         KQ = 4 * KW
-        hi_row = hi_ptr + m.to(tl.int64) * KQ
-        lo_row = lo_ptr + m.to(tl.int64) * KQ
         w_start = pid_k * (iters * BW)
         n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
-        acc_hi = tl.zeros((BN, BW), dtype=tl.int32)  # Σ d·hi, exact
-        acc_lo = tl.zeros((BN, BW), dtype=tl.int32)  # Σ d·lo, exact
-        for it in range(0, n_it):
-            w0 = w_start + it * BW
-            wi = w0 + offs_w
-            wd = _load_words(w_rows, wi, n_ok, KW, EVEN)
-            q = (w0 // L) * (4 * L) + q_base
-            for j in tl.static_range(4):
-                a = (wd >> (2 * j)) & 0x03030303  # fields 4i + j in byte i: d = 0, 1, 2
-                if EVEN:
-                    xh = tl.load(hi_row + q + j * L)
-                    xl = tl.load(lo_row + q + j * L)
-                else:
-                    xh = tl.load(hi_row + q + j * L, mask=wi < KW, other=0)
-                    xl = tl.load(lo_row + q + j * L, mask=wi < KW, other=0)
-                acc_hi = _dp4a(a, tl.broadcast_to(xh[None, :], (BN, BW)), acc_hi, True, ASM)
-                acc_lo = _dp4a(a, tl.broadcast_to(xl[None, :], (BN, BW)), acc_lo, False, ASM)
+        s_hi, s_lo = _i8_sums(w_rows, hi_ptr + m.to(tl.int64) * KQ, lo_ptr + m.to(tl.int64) * KQ, n_ok, w_start,
+                              n_it, KW, L, BN, BW, EVEN, ASM, False)
         # Σ t·x16 = 256·Σ d·hi + Σ d·lo - Σ x16 (t = d - 1); the row's Σ x16 is taken once, by pid_k 0
-        total = 256.0 * tl.sum(acc_hi, axis=1).to(tl.float32) + tl.sum(acc_lo, axis=1).to(tl.float32)
+        total = 256.0 * s_hi.to(tl.float32) + s_lo.to(tl.float32)
         total -= tl.where(pid_k == 0, tl.load(xs_ptr + m).to(tl.float32), 0.0)
         scale = _row_scale(tl.load(e_ptr + rows, mask=n_ok, other=0)) * tl.load(sx_ptr + m)
         _finish(total, scale, y_ptr + m * stride_ym + offs_n, ws_ptr + m * N + offs_n, n_ok,
@@ -596,22 +623,13 @@ if HAS_TRITON:
             absmax = tl.maximum(absmax, tl.abs(tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)))
         amax = tl.maximum(tl.max(absmax, axis=0), _X16_ABSMAX_FLOOR)
         inv = _X16_MAX / amax
-        # the slice's packed words (pack_x16's byte order), 4·BW per step
+        # the slice's packed words, 4·BW per step
         offs_q = tl.arange(0, 4 * BW)
         xsum = tl.zeros((4 * BW,), dtype=tl.int32)
         for it in range(0, n_it):
             q = 4 * (w_start + it * BW) + offs_q
-            base = (q // (4 * L)) * (16 * L) + ((q // L) % 4) * L + q % L  # column of byte 0
-            hi = tl.zeros((4 * BW,), dtype=tl.int32)
-            lo = tl.zeros((4 * BW,), dtype=tl.int32)
-            for i in tl.static_range(4):
-                cols = base + 4 * i * L
-                v = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32) * inv
-                x16 = tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
-                x16 = tl.minimum(tl.maximum(x16, -_X16_MAX), _X16_MAX)
-                xsum += x16
-                hi = hi | (((x16 >> 8) & 0xFF) << (8 * i))
-                lo = lo | ((x16 & 0xFF) << (8 * i))
+            hi, lo, xs = _x16_words(x_row, q, K, q < KQ, inv, L)
+            xsum += xs
             tl.store(hi_row + q, hi, mask=q < KQ)
             tl.store(lo_row + q, lo, mask=q < KQ)
         # the words were written by this program's threads (and identically by the slice's other
@@ -621,26 +639,8 @@ if HAS_TRITON:
         n_ok = offs_n < N
         rows = offs_n.to(tl.int64)
         w_rows = w_ptr + rows[:, None] * (stride_w8 * 8)  # see _gemv2_fma_kernel: 32-byte aligned rows
-        offs_w = tl.arange(0, BW)
-        q_base = (offs_w // L) * (4 * L) + offs_w % L
-        acc_hi = tl.zeros((BN, BW), dtype=tl.int32)
-        acc_lo = tl.zeros((BN, BW), dtype=tl.int32)
-        for it in range(0, n_it):
-            w0 = w_start + it * BW
-            wi = w0 + offs_w
-            wd = _load_words(w_rows, wi, n_ok, KW, EVEN)
-            q = (w0 // L) * (4 * L) + q_base
-            for j in tl.static_range(4):
-                a = (wd >> (2 * j)) & 0x03030303
-                if EVEN:
-                    xh = tl.load(hi_row + q + j * L, cache_modifier=".cg")
-                    xl = tl.load(lo_row + q + j * L, cache_modifier=".cg")
-                else:
-                    xh = tl.load(hi_row + q + j * L, mask=wi < KW, other=0, cache_modifier=".cg")
-                    xl = tl.load(lo_row + q + j * L, mask=wi < KW, other=0, cache_modifier=".cg")
-                acc_hi = _dp4a(a, tl.broadcast_to(xh[None, :], (BN, BW)), acc_hi, True, ASM)
-                acc_lo = _dp4a(a, tl.broadcast_to(xl[None, :], (BN, BW)), acc_lo, False, ASM)
-        total = 256.0 * tl.sum(acc_hi, axis=1).to(tl.float32) + tl.sum(acc_lo, axis=1).to(tl.float32)
+        s_hi, s_lo = _i8_sums(w_rows, hi_row, lo_row, n_ok, w_start, n_it, KW, L, BN, BW, EVEN, ASM, True)
+        total = 256.0 * s_hi.to(tl.float32) + s_lo.to(tl.float32)
         total -= tl.sum(xsum, axis=0).to(tl.float32)  # this slice's Σ x16 (t = d - 1)
         # slices differ in scale, so each partial carries its own sx into the split-K sum
         total *= amax / _X16_MAX
