@@ -19,6 +19,8 @@
 #                                                # as (e) graph (routing graph is the default: the same runs)
 #   bash experiments/study_h200.sh gemv-float-frozen  # CUDA tests and the M = 1 sweep of the decode GEMVs at three
 #                                                     # shapes on the idle GPU, then float-frozen's six runs
+#   bash experiments/study_h200.sh gemv-i8f   # CUDA tests of i8/i8f and the M = 1 sweep of i8f and i8 (with fma's
+#                                             # default) at three shapes, then small M: one call, no training
 #   bash experiments/study_h200.sh finish-gemv  # wait, report, pack, then the M = 1 GEMV sweep at 8192^2 (idle GPU)
 #   bash experiments/study_h200.sh codes-large  # then 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 0-2,
 #                                               # frozen seeds 1, 2 (7 small runs, rule old)
@@ -165,6 +167,16 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
+    gemv-i8f)
+        device_info
+        timeout 100 python3 -m pytest tests/test_ternary_gemv.py -m cuda -q -p no:cacheprovider -k "i8" \
+            > "$OUT/pytest_gemv_cuda.log" 2>&1
+        tail -3 "$OUT/pytest_gemv_cuda.log"
+        timeout 320 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 280 --variants i8f,i8 \
+            > "$OUT/bench_decode_stdout.log" 2>&1
+        grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG|bf16 F.linear" "$OUT/bench_decode_stdout.log" | tail -90
+        exit 0
+        ;;
     gemv-float-frozen)
         device_info
         timeout 100 python3 -m pytest tests/test_ternary_gemv.py -m cuda -q -p no:cacheprovider -k "i8" \
@@ -261,7 +273,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
