@@ -604,14 +604,15 @@ if HAS_TRITON:
                           stride_ym, iters, n_split, L: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
                           SPLIT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
         """"i8" with the activation pack fused in: each program quantises its own K slice of x
-        with the slice's absmax, writes the packed words to ``xq`` (every program of the slice
-        writes the same words), and runs the i8 loop over them. No second launch to wait for."""
+        with the slice's absmax, writes the packed words to its own part of ``xq`` (row blocks
+        sharing one buffer contended for the same L2 lines), and runs the i8 loop over them. No
+        second launch to wait for."""
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         x_row = x_ptr + m.to(tl.int64) * stride_xm
         KQ = 4 * KW
-        hi_row = xq_ptr + m.to(tl.int64) * (2 * KQ)
+        hi_row = xq_ptr + (m * tl.num_programs(1) + pid_n).to(tl.int64) * (2 * KQ)  # this program's own words
         lo_row = hi_row + KQ
         w_start = pid_k * (iters * BW)
         n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
@@ -632,8 +633,8 @@ if HAS_TRITON:
             xsum += xs
             tl.store(hi_row + q, hi, mask=q < KQ)
             tl.store(lo_row + q, lo, mask=q < KQ)
-        # the words were written by this program's threads (and identically by the slice's other
-        # programs): after the barrier every thread sees them; loads go to L2 (.cg), not to L1
+        # the words were written by this program's threads: after the barrier every thread sees
+        # them; loads go to L2 (.cg), not to L1
         tl.debug_barrier()
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_ok = offs_n < N
@@ -810,7 +811,8 @@ if HAS_TRITON:
                 **stage_arg)
             return y
         if variant == "i8f":
-            xq = torch.empty(M * 8 * KW, dtype=torch.int32, device=x2d.device)  # hi then lo words per row
+            # hi then lo words per (row, row block): each program writes only its slice of its own
+            xq = torch.empty(M * n_blocks * 8 * KW, dtype=torch.int32, device=x2d.device)
             _gemv2_i8f_kernel[(M, n_blocks, split)](
                 x2d, xq, words, E, y, ws, counters, N, K, KW, x2d.stride(0), KW // 8, y.stride(0), iters, split,
                 L=L, BN=BN, BW=BW, SPLIT=split > 1, EVEN=KW % BW == 0, ASM=not interpreting(), num_warps=warps,
