@@ -33,8 +33,8 @@ Decoding without any int→float conversion (the float's mantissa *is* the 2-bit
     and half the ALU work of ``fma``). Its result is the exact product with the fixed-point
     activations (:func:`gemv_x16_reference`), within ``sx/2·Σ|t|·s`` of the float one.
   * ``i8f``: ``i8`` in one launch. Each program quantises its own K slice of the row with that
-    slice's absmax (a finer scale than the row's), writes the packed words to a small buffer that
-    every program of the slice fills identically, and runs the ``i8`` loop over them: no pack
+    slice's absmax (a finer scale than the row's), writes the packed words to a buffer of its own
+    (shared ones made the row blocks contend for L2 lines), and runs the ``i8`` loop over them: no pack
     kernel to launch and wait for, at the cost of re-reading x's slice once per row block.
 The row scale ``2^(E/4)`` is applied once per output, after the reduction.
 
