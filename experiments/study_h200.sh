@@ -177,13 +177,15 @@ case "${1:-wait}" in
         grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG|bf16 F.linear" "$OUT/bench_decode_stdout.log" | tail -90
         exit 0
         ;;
-    gemv-float-frozen)
+    gemv-float-frozen)  # auto is i8f at M = 1: the CUDA GEMV and generation tests, i8f against fma at the
+                        # small preset's attention shapes and at 8192^2, then float-frozen's six runs
         device_info
-        timeout 100 python3 -m pytest tests/test_ternary_gemv.py -m cuda -q -p no:cacheprovider -k "i8" \
-            > "$OUT/pytest_gemv_cuda.log" 2>&1
+        timeout 150 python3 -m pytest tests/test_ternary_gemv.py tests/test_generate.py -m cuda -q \
+            -p no:cacheprovider > "$OUT/pytest_gemv_cuda.log" 2>&1
         tail -3 "$OUT/pytest_gemv_cuda.log"
-        timeout 150 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 120 --variants i8f,i8 \
-            2>&1 | grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG|bf16 F.linear" | tail -70
+        timeout 130 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 100 --variants i8f \
+            --shapes 512x1536,512x512,8192x8192 > "$OUT/bench_decode_stdout.log" 2>&1
+        grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG|bf16 F.linear" "$OUT/bench_decode_stdout.log" | tail -40
         float_now
         frozen_old
         sleep 30

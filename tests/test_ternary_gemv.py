@@ -326,6 +326,15 @@ def test_dot_kernels_match_reference(backend, n, k, plane_words, m, gen):
             torch.testing.assert_close(y, ref, **_tolerance(torch.bfloat16, ref), msg=lambda s: f"{variant} {cfg}: {s}")
 
 
+@pytest.mark.parametrize("m,plane_words,dtype,grouped,want", [
+    (1, 32, torch.bfloat16, False, "i8f"), (1, 8, torch.float16, False, "i8f"),
+    (1, 32, torch.float32, False, "fma"), (1, 32, torch.bfloat16, True, "fma"),
+    (2, 32, torch.bfloat16, False, "dot1"), (16, 16, torch.float16, False, "dot1"),
+    (4, 8, torch.bfloat16, False, "dot"), (17, 32, torch.bfloat16, False, "fma"), (4, 32, torch.float32, False, "fma")])
+def test_auto_variant_choice(m, plane_words, dtype, grouped, want):
+    assert tg.auto_variant(m, plane_words, dtype, grouped) == want
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k,plane_words", [(300, 8), (515, 16), (1003, 32)])
 @pytest.mark.parametrize("m", [1, 4])

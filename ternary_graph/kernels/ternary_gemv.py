@@ -69,18 +69,20 @@ DECODE_MAX_M = 16  # activation rows the decode path takes (the layers fall back
 MIN_BN = 16  # smallest row block of any kernel: the split-K counters are sized for it
 VARIANTS = ("auto", "fma", "dot", "dot1", "i8", "i8f")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Which kernel "auto" takes, from experiments/bench_decode.py on the H200 (docs/kernels.md): at
-# M = 1 "fma" (1.43-2.01x bf16); for 2 <= M <= 16 with 16-bit activations and one group "dot1"
-# (1.22-1.58x, where "fma", one program per row, falls to 0.19x at M = 16), or "dot" where the
-# planes are too narrow for "dot1" (plane_words 8: K = 1120, say); fp32 and groups take "fma".
-DEFAULT_M1 = "fma"
+# Which kernel "auto" takes, from experiments/bench_decode.py (docs/kernels.md): at M = 1 with
+# 16-bit activations and one group "i8f" (H100, 2026-12-05: 2.36-3.94x bf16 where "fma" gives
+# 1.64-2.46x in the same run); for 2 <= M <= 16 with 16-bit activations and one group "dot1"
+# (H200: 1.22-1.58x, where "fma", one program per row, falls to 0.19x at M = 16), or "dot" where
+# the planes are too narrow for "dot1" (plane_words 8: K = 1120, say); fp32 and groups take "fma".
+DEFAULT_M1 = "i8f"
+DEFAULT_FALLBACK = "fma"
 DEFAULT_SMALL_M = "dot1"
 DEFAULT_SMALL_M_NARROW = "dot"
 # BN rows x BW words per step, warps, and the split-K target: programs per SM.
 FMA_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=8)
 DOT_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)
 I8_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)  # sm4 16.9 µs vs sm8 18.6 at 8192², H200
-I8F_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)  # not yet swept (experiments/bench_decode.py)
+I8F_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)  # the H100 sweep's best at 8192² (bench_decode_i8f_private_h100.log)
 PACK_BLOCK = 8192  # activations per step of the i8 variant's x pack (a whole 8192-wide row: 32 per thread)
 CONFIG_KEYS = ("BN", "BW", "warps", "per_sm", "split", "stages", "maxnreg")
 X16_MAX = 32767  # "i8": activations as 16-bit fixed point, x ≈ sx · (256·hi + lo), |256·hi + lo| <= X16_MAX
@@ -260,6 +262,17 @@ def gemv_x16_reference(x2d: torch.Tensor, words: torch.Tensor, E: torch.Tensor, 
         part = x16[:, c0:c0 + width].to(torch.float64) @ trits[:, c0:c0 + width].T
         y += part * sx[:, s_i].double()[:, None]
     return (y * exponent_to_scale(E, torch.float64)).to(x2d.dtype)
+
+
+def auto_variant(M: int, plane_words: int, dtype: torch.dtype, grouped: bool) -> str:
+    """The kernel ``variant="auto"`` takes for M rows of ``dtype`` activations: the fixed-point
+    dp4a kernel "i8f" at M = 1, a dot kernel for 2 <= M <= DECODE_MAX_M, "fma" for fp32, for
+    groups and above DECODE_MAX_M (the kernels that refuse those)."""
+    if grouped or dtype == torch.float32 or M > DECODE_MAX_M:
+        return DEFAULT_FALLBACK
+    if M <= 1:
+        return DEFAULT_M1
+    return DEFAULT_SMALL_M_NARROW if plane_words < 16 else DEFAULT_SMALL_M  # dot1's planes: dots of K >= 16
 
 
 def check_gemv_args(x2d: torch.Tensor, words: torch.Tensor, E: torch.Tensor, in_features: int, plane_words: int,
@@ -727,8 +740,7 @@ if HAS_TRITON:
             offsets: None, or (G,) int32/int64 cumulative row counts of the groups (rows of x
                 sorted by group; the stacked experts), read on the device only
             returns: (M, N) in x2d's dtype
-        ``variant``: "auto" (M == 1 or groups or fp32: DEFAULT_M1 / "fma", else DEFAULT_SMALL_M, or
-        DEFAULT_SMALL_M_NARROW when plane_words < 16),
+        ``variant``: "auto" (:func:`auto_variant`),
         "fma", "dot" or "dot1" (the dot variants: M <= 16, 16-bit x, no groups, plane_words >= 16
         for "dot1"), or "i8" (16-bit x, no groups: x as 16-bit fixed point, two dp4a per four trits;
         its error against the float product is that of the fixed point: at most sx/2 per activation,
@@ -745,9 +757,7 @@ if HAS_TRITON:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if variant == "auto":
-            small = 1 < M <= DECODE_MAX_M and offsets is None and x2d.dtype != torch.float32
-            narrow = plane_words < 16  # dot1's planes are single dots of K = plane_words >= 16
-            variant = DEFAULT_M1 if not small else DEFAULT_SMALL_M_NARROW if narrow else DEFAULT_SMALL_M
+            variant = auto_variant(M, plane_words, x2d.dtype, offsets is not None)
         if variant != "fma":  # dot, dot1, i8
             if x2d.dtype == torch.float32:
                 raise ValueError(f"variant={variant!r} needs bfloat16/float16 x, got {x2d.dtype}; use variant='fma'")
@@ -921,7 +931,7 @@ def decode_bytes_per_param(in_features: int) -> float:
     return 4 * words_per_row(in_features, L) / in_features
 
 
-__all__ = ["DECODE_MAX_M", "DecodeWeights", "choose_plane_words", "decode_bytes_per_param", "decode_gemv",
+__all__ = ["DECODE_MAX_M", "DecodeWeights", "auto_variant", "choose_plane_words", "decode_bytes_per_param", "decode_gemv",
            "gemv_2bit_reference", "gemv_2bit_triton", "gemv_x16_reference", "i8f_slice_words", "pack_2bit", "pack_x16", "unpack_2bit",
            "words_per_row", "workspace"]
 
