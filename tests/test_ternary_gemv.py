@@ -329,7 +329,8 @@ def test_dot_kernels_match_reference(backend, n, k, plane_words, m, gen):
 @pytest.mark.parametrize("m,plane_words,dtype,grouped,want", [
     (1, 32, torch.bfloat16, False, "i8f"), (1, 8, torch.float16, False, "i8f"),
     (1, 32, torch.float32, False, "fma"), (1, 32, torch.bfloat16, True, "fma"),
-    (2, 32, torch.bfloat16, False, "dot1"), (16, 16, torch.float16, False, "dot1"),
+    (2, 32, torch.bfloat16, False, "i8f"), (3, 32, torch.bfloat16, False, "dot1"),
+    (16, 16, torch.float16, False, "dot1"), (2, 8, torch.bfloat16, False, "i8f"),
     (4, 8, torch.bfloat16, False, "dot"), (17, 32, torch.bfloat16, False, "fma"), (4, 32, torch.float32, False, "fma")])
 def test_auto_variant_choice(m, plane_words, dtype, grouped, want):
     assert tg.auto_variant(m, plane_words, dtype, grouped) == want
@@ -521,7 +522,7 @@ def _bf16_tolerance(ref: torch.Tensor) -> dict:
 def test_cuda_untuned_shapes_every_variant(n, k, dtype, gen):
     packed, E = _weights(n, k, gen, "cuda")
     copy = tg.DecodeWeights.from_state(packed, E, k)
-    for m in (1, 4, 16):
+    for m in (1, 2, 3, 16):  # each side of auto's switches
         x = torch.randn(m, k, generator=gen).to(device="cuda", dtype=dtype)
         ref = tg.gemv_2bit_reference(x, copy.words, copy.E, k, copy.plane_words)
         variants = ["auto", "fma"] + (["dot", "i8", "i8f"] + (["dot1"] if copy.plane_words >= 16 else [])
