@@ -196,7 +196,7 @@ case "${1:-wait}" in
     gemv-auto)  # auto is i8f at M <= 2: the CUDA GEMV and generation tests, then i8f against the other
                 # kernels at 8192^2 (M = 1 sweep, M = 2..16 defaults); one call, no training
         device_info
-        timeout 150 python3 -m pytest tests/test_ternary_gemv.py tests/test_generate.py -m cuda -q -rf \
+        timeout 300 python3 -m pytest tests/test_ternary_gemv.py tests/test_generate.py -m cuda -q -rf \
             -p no:cacheprovider > "$OUT/pytest_gemv_cuda.log" 2>&1
         tail -3 "$OUT/pytest_gemv_cuda.log"
         timeout 150 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 110 --variants i8f \

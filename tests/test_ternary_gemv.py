@@ -43,11 +43,15 @@ def _weights(n: int, k: int, gen: torch.Generator, device: str = "cpu"):
     return packed, E
 
 
+def _rms(ref: torch.Tensor) -> float:
+    return float(ref.double().pow(2).mean().sqrt()) if ref.numel() else 0.0
+
+
 def _tolerance(dtype: torch.dtype, ref: torch.Tensor) -> dict:
     """Products x·t are exact and every kernel accumulates in fp32, so results differ from the
     reference by fp32 summation order (a few 1e-7 of the row's magnitude) and, in 16 bits, by one
     rounding of the output: rtol of the dtype, atol tied to the reference's RMS."""
-    rms = float(ref.double().pow(2).mean().sqrt()) if ref.numel() else 0.0
+    rms = _rms(ref)
     rtol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 1e-3}[dtype]
     return dict(rtol=rtol, atol=1e-5 * max(rms, 1.0))
 
@@ -496,14 +500,15 @@ def test_register_counts_compile_for_hopper_without_a_gpu():
 # ------------------------------------------------------------------------------------------------
 # CUDA only: larger untuned shapes, the layers' fast path, a CUDA graph
 # ------------------------------------------------------------------------------------------------
-def _oracle_of(variant: str, x: torch.Tensor, copy, k: int) -> torch.Tensor:
+def _oracle_of(variant: str, x: torch.Tensor, copy, k: int, exact: torch.Tensor | None = None) -> torch.Tensor:
     """The exact oracle of the kernel ``variant`` runs ("auto" resolved as the launcher does): the
-    16-bit fixed-point reference for "i8" / "i8f" (with "i8f"'s K slices), else the exact product."""
+    16-bit fixed-point reference for "i8" / "i8f" (with "i8f"'s K slices), else the exact product
+    (``exact`` where the caller has it already)."""
     m, n = x.shape[0], copy.words.shape[0]
     if variant == "auto":
         variant = tg.auto_variant(m, copy.plane_words, x.dtype, grouped=False)
     if variant not in ("i8", "i8f"):
-        return tg.gemv_2bit_reference(x, copy.words, copy.E, k, copy.plane_words)
+        return exact if exact is not None else tg.gemv_2bit_reference(x, copy.words, copy.E, k, copy.plane_words)
     slices = tg.i8f_slice_words(m, n, copy.words.shape[1], copy.plane_words, x.device) if variant == "i8f" else None
     return tg.gemv_x16_reference(x, copy.words, copy.E, k, copy.plane_words, slice_words=slices)
 
@@ -512,8 +517,7 @@ def _bf16_tolerance(ref: torch.Tensor) -> dict:
     """Agreement within bf16: one rounding of each output (rtol) and half a bf16 ulp (2^-8) of the RMS
     (atol). The "i8" kernels' 16-bit fixed-point x is off by at most sx/2 per element, an error
     of ~3e-5 of the RMS at K = 4096: far inside it, and far outside :func:`_tolerance`'s 1e-5."""
-    rms = float(ref.double().pow(2).mean().sqrt()) if ref.numel() else 0.0
-    return dict(rtol=1.6e-2, atol=2.0 ** -8 * max(rms, 1e-30))
+    return dict(rtol=1.6e-2, atol=2.0 ** -8 * max(_rms(ref), 1e-30))
 
 
 @pytest.mark.cuda
@@ -529,7 +533,7 @@ def test_cuda_untuned_shapes_every_variant(n, k, dtype, gen):
                                       if dtype != torch.float32 else [])
         for variant in variants:
             y = _run(variant, x, copy.words, copy.E, k, copy.plane_words, None, ws=copy.ws, counters=copy.counters)
-            want = _oracle_of(variant, x, copy, k)
+            want = _oracle_of(variant, x, copy, k, exact=ref)
             torch.testing.assert_close(y, want, **_tolerance(dtype, want), msg=lambda s: f"m={m} {variant}: {s}")
             # and every kernel, "i8f" with its 16-bit fixed-point x included, is within bf16 of the exact product
             if dtype == torch.bfloat16:

@@ -71,12 +71,12 @@ VARIANTS = ("auto", "fma", "dot", "dot1", "i8", "i8f")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Which kernel "auto" takes, from experiments/bench_decode.py (docs/kernels.md): at M <= 2 with
 # 16-bit activations and one group "i8f" (H100, 2026-12-05: 2.36-3.94x bf16 at M = 1 where "fma"
-# gives 1.64-2.46x in the same run; at M = 2, 8192^2: 20.6 us against dot1's 24.9 on an H100 and
-# 20.0 against 24.7 on an H200); for 3 <= M <= 16 "dot1" (H200: 1.22-1.58x, where "fma", one
+# gives 1.64-2.46x in the same run; H100, 2026-12-06, 8192^2, M = 2: 20.5 us against dot1's 24.8,
+# bench_decode_i8f_auto2_h100_2026-12-06.log); for 3 <= M <= 16 "dot1" (H200: 1.22-1.58x, where "fma", one
 # program per row, falls to 0.19x at M = 16, and "i8f" re-reads the words per row), or "dot" where
 # the planes are too narrow for "dot1" (plane_words 8: K = 1120, say); fp32 and groups take "fma".
-DEFAULT_M1 = "i8f"
-I8F_MAX_M = 2  # rows of x up to which "auto" takes DEFAULT_M1
+DEFAULT_FEW_M = "i8f"
+FEW_M_MAX = 2  # rows of x up to which "auto" takes DEFAULT_FEW_M
 DEFAULT_FALLBACK = "fma"
 DEFAULT_SMALL_M = "dot1"
 DEFAULT_SMALL_M_NARROW = "dot"
@@ -268,12 +268,12 @@ def gemv_x16_reference(x2d: torch.Tensor, words: torch.Tensor, E: torch.Tensor, 
 
 def auto_variant(M: int, plane_words: int, dtype: torch.dtype, grouped: bool) -> str:
     """The kernel ``variant="auto"`` takes for M rows of ``dtype`` activations: the fixed-point
-    dp4a kernel "i8f" for M <= I8F_MAX_M, a dot kernel up to DECODE_MAX_M, "fma" for fp32, for
+    dp4a kernel "i8f" for M <= FEW_M_MAX, a dot kernel up to DECODE_MAX_M, "fma" for fp32, for
     groups and above DECODE_MAX_M (the kernels that refuse those)."""
     if grouped or dtype == torch.float32 or M > DECODE_MAX_M:
         return DEFAULT_FALLBACK
-    if M <= I8F_MAX_M:
-        return DEFAULT_M1
+    if M <= FEW_M_MAX:
+        return DEFAULT_FEW_M
     return DEFAULT_SMALL_M_NARROW if plane_words < 16 else DEFAULT_SMALL_M  # dot1's planes: dots of K >= 16
 
 
