@@ -21,6 +21,8 @@
 #                                                     # shapes on the idle GPU, then float-frozen's six runs
 #   bash experiments/study_h200.sh gemv-i8f   # CUDA tests of i8/i8f and the M = 1 sweep of i8f and i8 (with fma's
 #                                             # default) at three shapes, then small M: one call, no training
+#   bash experiments/study_h200.sh float-frozen-tests  # float-frozen's six runs, the CUDA GEMV/generation tests
+#                                                      # beside them; then finish-gemv with GEMV_S=0
 #   bash experiments/study_h200.sh gemv-auto  # CUDA GEMV/generation tests, then the 8192^2 sweep: one call, no training
 #   bash experiments/study_h200.sh finish-gemv  # wait, report, pack, then the M = 1 GEMV sweep at 8192^2 (idle GPU)
 #   bash experiments/study_h200.sh codes-large  # then 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 0-2,
@@ -193,6 +195,17 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((570 - SECONDS)) wait_all
         ;;
+    float-frozen-tests)  # float-frozen's six runs, with the CUDA GEMV and generation tests beside them
+                         # (correctness only: no timing shares the GPU with training)
+        device_info
+        float_now
+        frozen_old
+        timeout 300 python3 -m pytest tests/test_ternary_gemv.py tests/test_generate.py -m cuda -q -rf \
+            -p no:cacheprovider > "$OUT/pytest_gemv_cuda.log" 2>&1
+        tail -3 "$OUT/pytest_gemv_cuda.log"
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+        WAIT_S=$((570 - SECONDS)) wait_all
+        ;;
     gemv-auto)  # auto is i8f at M <= 2: the CUDA GEMV and generation tests, then i8f against the other
                 # kernels at 8192^2 (M = 1 sweep, M = 2..16 defaults); one call, no training
         device_info
@@ -287,7 +300,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
