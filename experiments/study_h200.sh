@@ -23,6 +23,7 @@
 #                                             # default) at three shapes, then small M: one call, no training
 #   bash experiments/study_h200.sh float-frozen-tests  # float-frozen's six runs, the CUDA GEMV/generation tests
 #                                                      # beside them; then finish-gemv with GEMV_S=0
+#   bash experiments/study_h200.sh frozen-alone  # issue 14's (b) frozen x3 under rule old, alone: one call
 #   bash experiments/study_h200.sh gemv-auto  # CUDA GEMV/generation tests, then the 8192^2 sweep: one call, no training
 #   bash experiments/study_h200.sh finish-gemv  # wait, report, pack, then the M = 1 GEMV sweep at 8192^2 (idle GPU)
 #   bash experiments/study_h200.sh codes-large  # then 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 0-2,
@@ -206,6 +207,20 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((570 - SECONDS)) wait_all
         ;;
+    frozen-alone)  # issue 14's (b) frozen x3 under rule old alone on the GPU (~130k tokens/s each, as the
+                   # captured `old` runs: 50M tokens in ~400 s), beside (e) graph = the rule study's `old` x3
+        device_info
+        mkdir -p "$STUDY/routing-old"
+        for f in docs/measurements/rule_study_small2_h200.tar.gz docs/measurements/rule_study_small_old_h200.tar.gz; do
+            tar xzf "$f" -C "$STUDY/routing-old" --strip-components=2 --wildcards './small/old-s*'
+        done
+        for s in 0 1 2; do mv "$STUDY/routing-old/old-s$s" "$STUDY/routing-old/graph-s$s"; done
+        launch routing_old_frozen routing_ablation.py run "${ROUTING_OLD[@]}" --variants frozen --seeds 0,1,2 \
+            --parallel 3
+        sleep 90
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+        WAIT_S=$((560 - SECONDS)) wait_all
+        ;;
     gemv-auto)  # auto is i8f at M <= 2: the CUDA GEMV and generation tests, then i8f against the other
                 # kernels at 8192^2 (M = 1 sweep, M = 2..16 defaults); one call, no training
         device_info
@@ -300,7 +315,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|frozen-alone|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
