@@ -186,6 +186,23 @@ def summarise(root: pathlib.Path, steps: int | None) -> dict[str, dict]:
     return out
 
 
+def common_step(table: dict[str, dict]) -> int | None:
+    """The last evaluation step that every run in ``table`` reached, or None when all runs end at
+    the same step (their final values are then already at equal tokens)."""
+    last = [curve[-1][0] for row in table.values() for curve in row["curves"]]
+    if len(set(last)) == 1:
+        return None
+    shared = set.intersection(*({step for step, _ in curve} for row in table.values() for curve in row["curves"]))
+    if not shared:
+        raise SystemExit(f"the runs share no evaluation step (their last steps: {sorted(set(last))})")
+    return max(shared)
+
+
+def at_step(row: dict, step: int) -> tuple[float, float]:
+    """Mean and std over a variant's seeds of the val bits/byte evaluated at ``step``."""
+    return _mean_std([dict(curve)[step] for curve in row["curves"]])
+
+
 def _codebook(run: pathlib.Path) -> tuple[int | None, int | None]:
     """(codes of the shared VQ, tokens its re-seed window sees) from a run's config.json: a window
     is RESEED_WINDOW calls of batch_size x seq_len tokens each (every quantising layer calls once)."""
@@ -248,11 +265,21 @@ def report(args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.prog}: no runs with a validation record under {args.root}")
     base = table.get(args.baseline)
     columns = args.columns
-    lines = ["| variant | seeds | final val bits/byte | best | vs " + args.baseline + " | late regression (max) | "
-             "seed spread | " + " | ".join(c[0] for c in columns) + " | tokens/s |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(columns) + "---|"]
+    common = common_step(table)
+    # Runs that stopped at different steps are compared where all of them have an evaluation:
+    # the final values of a half-trained run and a finished one are not at equal tokens.
+    at_common = {v: at_step(row, common) for v, row in table.items()} if common is not None else {}
+    common_cells = (f" val @ step {common} | vs {args.baseline} @ {common} |",
+                    "---|---|") if common is not None else ("", "")
+    lines = ["| variant | seeds | final val bits/byte | best | vs " + args.baseline + " |" + common_cells[0]
+             + " late regression (max) | seed spread | " + " | ".join(c[0] for c in columns) + " | tokens/s |",
+             "|---|---|---|---|---|" + common_cells[1] + "---|---|" + "---|" * len(columns) + "---|"]
     for variant, row in sorted(table.items(), key=lambda kv: kv[1]["final_mean"]):
         gap = f"{row['final_mean'] / base['final_mean'] - 1:+.1%}" if base else "-"
+        if common is not None:
+            mean, std = at_common[variant]
+            base_gap = f"{mean / at_common[args.baseline][0] - 1:+.1%}" if base else "-"
+            gap += f" | {mean:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}") + f" | {base_gap}"
         health = _mean_health(row["health"])
         cells = " | ".join(_health_cell(health, key, fmt) for _, key, fmt in columns)
         std = "" if math.isnan(row["final_std"]) else f" ± {row['final_std']:.4f}"

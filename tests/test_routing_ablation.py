@@ -81,3 +81,30 @@ def test_codes_hit_in_the_last_window_come_from_dead_codes_and_the_run_config(tm
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| graph")][0]
     # live (usage > 0), then 1 - dead / codes, then hit / min(codes, RESEED_WINDOW x batch x seq_len)
     assert row.split(" | ")[9:12] == cells
+
+
+def test_runs_cut_at_different_steps_are_compared_at_the_last_step_all_reached(tmp_path, capsys):
+    # frozen stopped at step 200 (1.5 bits/byte); graph finished at 400 (1.2) but was 1.8 at 200:
+    # its final value beats frozen, yet at equal tokens it is 20% behind.
+    root = tmp_path / "ablation"
+    for name, curve in {"frozen-s0": [(100, 2.0), (200, 1.5)], "graph-s0": [(100, 2.1), (200, 1.8), (400, 1.2)]}.items():
+        run = root / name
+        run.mkdir(parents=True)
+        records = [{"step": step, "val_bits_per_byte": val} for step, val in curve]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _main("report", "--root", str(root), "--steps", "400", "--baseline", "frozen") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "| val @ step 200 | vs frozen @ 200 |" in lines[0]
+    graph = [line for line in lines if line.startswith("| graph")][0].split(" | ")
+    frozen = [line for line in lines if line.startswith("| frozen")][0].split(" | ")
+    assert graph[2:7] == ["1.2000", "1.2000", "-20.0%", "1.8000", "+20.0%"]
+    assert frozen[1] == "1 (1 unfinished)" and frozen[5:7] == ["1.5000", "+0.0%"]
+
+
+def test_runs_that_all_end_at_one_step_get_no_equal_step_columns(tmp_path, capsys):
+    root = tmp_path / "ablation"
+    for name, val in {"frozen-s0": 1.5, "graph-s0": 1.4}.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "metrics.jsonl").write_text(json.dumps({"step": 100, "val_bits_per_byte": val}) + "\n")
+    assert _main("report", "--root", str(root), "--steps", "100", "--baseline", "frozen") == 0
+    assert "@ step" not in capsys.readouterr().out
