@@ -219,7 +219,7 @@ case "${1:-wait}" in
             --parallel 3
         sleep 90
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
-        WAIT_S=$((560 - SECONDS)) wait_all
+        WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
         ;;
     gemv-auto)  # auto is i8f at M <= 2: the CUDA GEMV and generation tests, then i8f against the other
                 # kernels at 8192^2 (M = 1 sweep, M = 2..16 defaults); one call, no training
