@@ -200,7 +200,11 @@ def common_step(table: dict[str, dict]) -> int | None:
 
 def at_step(row: dict, step: int) -> tuple[float, float]:
     """Mean and std over a variant's seeds of the val bits/byte evaluated at ``step``."""
-    return _mean_std([dict(curve)[step] for curve in row["curves"]])
+    curves = [dict(curve) for curve in row["curves"]]
+    if any(step not in curve for curve in curves):
+        raise SystemExit(f"--at-step {step}: not every run has an evaluation there "
+                         f"(their evaluation steps: {sorted(set.intersection(*map(set, curves)))})")
+    return _mean_std([curve[step] for curve in curves])
 
 
 def _codebook(run: pathlib.Path) -> tuple[int | None, int | None]:
@@ -265,27 +269,27 @@ def report(args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.prog}: no runs with a validation record under {args.root}")
     base = table.get(args.baseline)
     columns = args.columns
-    common = common_step(table)
-    # Runs that stopped at different steps are compared where all of them have an evaluation:
+    # Runs that stopped at different steps are also compared where all of them have an evaluation:
     # the final values of a half-trained run and a finished one are not at equal tokens.
-    at_common = {v: at_step(row, common) for v, row in table.items()} if common is not None else {}
-    common_cells = (f" val @ step {common} | vs {args.baseline} @ {common} |",
-                    "---|---|") if common is not None else ("", "")
-    lines = ["| variant | seeds | final val bits/byte | best | vs " + args.baseline + " |" + common_cells[0]
+    step = args.at_step if args.at_step is not None else common_step(table)
+    at = {v: at_step(row, step) for v, row in table.items()} if step is not None else {}
+    step_header = f" val @ step {step} | vs {args.baseline} @ {step} |" if step is not None else ""
+    lines = ["| variant | seeds | final val bits/byte | best | vs " + args.baseline + " |" + step_header
              + " late regression (max) | seed spread | " + " | ".join(c[0] for c in columns) + " | tokens/s |",
-             "|---|---|---|---|---|" + common_cells[1] + "---|---|" + "---|" * len(columns) + "---|"]
+             "|---|---|---|---|---|" + "---|---|" * (step is not None) + "---|---|" + "---|" * len(columns) + "---|"]
     for variant, row in sorted(table.items(), key=lambda kv: kv[1]["final_mean"]):
         gap = f"{row['final_mean'] / base['final_mean'] - 1:+.1%}" if base else "-"
-        if common is not None:
-            mean, std = at_common[variant]
-            base_gap = f"{mean / at_common[args.baseline][0] - 1:+.1%}" if base else "-"
-            gap += f" | {mean:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}") + f" | {base_gap}"
+        step_cells = ""
+        if step is not None:
+            mean, step_std = at[variant]
+            step_gap = f"{mean / at[args.baseline][0] - 1:+.1%}" if base else "-"
+            step_cells = f" {mean:.4f}" + ("" if math.isnan(step_std) else f" ± {step_std:.4f}") + f" | {step_gap} |"
         health = _mean_health(row["health"])
         cells = " | ".join(_health_cell(health, key, fmt) for _, key, fmt in columns)
         std = "" if math.isnan(row["final_std"]) else f" ± {row['final_std']:.4f}"
         unfinished = "" if row["finished"] == row["seeds"] else f" ({row['seeds'] - row['finished']} unfinished)"
         lines.append(f"| {variant} | {row['seeds']}{unfinished} | {row['final_mean']:.4f}{std} | {row['best_mean']:.4f} "
-                     f"| {gap} | {row['late_regression_max']:+.2%} | {row['spread']:.2%} | {cells} "
+                     f"| {gap} |{step_cells} {row['late_regression_max']:+.2%} | {row['spread']:.2%} | {cells} "
                      f"| {row['tokens_per_s']:,.0f} |")
     text = "\n".join(lines)
     print(text)
@@ -362,6 +366,9 @@ def main(argv: list[str] | None = None, *, table: dict[str, list[str]] = VARIANT
     q.add_argument("--baseline", default=baseline)
     q.add_argument("--out", type=pathlib.Path, default=None, help="write <name>.md/.json/.png and a tarball of the logs")
     q.add_argument("--name", default=None, help="file stem under --out (default: the root folder's name)")
+    q.add_argument("--at-step", type=int, default=None,
+                   help="also compare every variant at this evaluation step (default: the last step all runs "
+                        "reached, when they stopped at different steps)")
     b = sub.add_parser("best", help="print the best finished variant of one kind")
     b.add_argument("--kind", choices=("ternary", "float"), default="ternary")
     for sp in (r, q, b):

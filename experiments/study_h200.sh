@@ -78,18 +78,23 @@ wait_all() {  # until no launcher runs, or WAIT_S
     echo "waited ${t} s; launchers still running: $(pgrep -fc '(rule_study|routing_ablation).py run')"
 }
 
-float_now() {  # the float twin x3 at small with today's code, beside the sweep's `old` x3 (extracted)
-    mkdir -p "$STUDY/small-now"
+extract_old() {  # folder: the rule sweep's `old` x3 at small (2026-12-02) as old-s0..2 under it
+    mkdir -p "$1"
     for f in docs/measurements/rule_study_small2_h200.tar.gz docs/measurements/rule_study_small_old_h200.tar.gz; do
-        tar xzf "$f" -C "$STUDY/small-now" --strip-components=2 --wildcards './small/old-s*'
+        tar xzf "$f" -C "$1" --strip-components=2 --wildcards './small/old-s*'
     done
+}
+
+float_now() {  # the float twin x3 at small with today's code, beside the sweep's `old` x3
+    extract_old "$STUDY/small-now"
     launch small_float_now rule_study.py run --root "$STUDY/small-now" "${SMALL[@]:2}" --variants float \
         --seeds 0,1,2 --parallel 3
 }
 
-frozen_old() {  # issue 14's (b) x3 under rule old; (e) graph under old is the rule study's `old` (same flags)
+frozen_old() {  # folder holding old-s0..2: issue 14's (b) x3 under rule old, beside (e) graph = those `old`
+                # runs (the routing graph is the default, the flags are the same)
     mkdir -p "$STUDY/routing-old"
-    for s in 0 1 2; do cp -r "$STUDY/small-now/old-s$s" "$STUDY/routing-old/graph-s$s"; done
+    for s in 0 1 2; do cp -r "$1/old-s$s" "$STUDY/routing-old/graph-s$s"; done
     launch routing_old_frozen routing_ablation.py run "${ROUTING_OLD[@]}" --variants frozen --seeds 0,1,2 --parallel 3
 }
 
@@ -166,7 +171,7 @@ case "${1:-wait}" in
     float-frozen)  # the six new runs of float-and-edges: (e) graph under rule old is the rule study's `old`
         device_info
         float_now
-        frozen_old
+        frozen_old "$STUDY/small-now"
         sleep 60
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
@@ -191,7 +196,7 @@ case "${1:-wait}" in
             --shapes 512x1536,512x512,8192x8192 > "$OUT/bench_decode_stdout.log" 2>&1
         grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG|bf16 F.linear" "$OUT/bench_decode_stdout.log" | tail -40
         float_now
-        frozen_old
+        frozen_old "$STUDY/small-now"
         sleep 30
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((570 - SECONDS)) wait_all
@@ -200,23 +205,17 @@ case "${1:-wait}" in
                          # (correctness only: no timing shares the GPU with training)
         device_info
         float_now
-        frozen_old
+        frozen_old "$STUDY/small-now"
         timeout 300 python3 -m pytest tests/test_ternary_gemv.py tests/test_generate.py -m cuda -q -rf \
             -p no:cacheprovider > "$OUT/pytest_gemv_cuda.log" 2>&1
         tail -3 "$OUT/pytest_gemv_cuda.log"
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((570 - SECONDS)) wait_all
         ;;
-    frozen-alone)  # issue 14's (b) frozen x3 under rule old alone on the GPU (~130k tokens/s each, as the
-                   # captured `old` runs: 50M tokens in ~400 s), beside (e) graph = the rule study's `old` x3
+    frozen-alone)  # issue 14's (b) frozen x3 under rule old alone on the GPU; STOP_S (default 560) bounds the wait
         device_info
-        mkdir -p "$STUDY/routing-old"
-        for f in docs/measurements/rule_study_small2_h200.tar.gz docs/measurements/rule_study_small_old_h200.tar.gz; do
-            tar xzf "$f" -C "$STUDY/routing-old" --strip-components=2 --wildcards './small/old-s*'
-        done
-        for s in 0 1 2; do mv "$STUDY/routing-old/old-s$s" "$STUDY/routing-old/graph-s$s"; done
-        launch routing_old_frozen routing_ablation.py run "${ROUTING_OLD[@]}" --variants frozen --seeds 0,1,2 \
-            --parallel 3
+        extract_old "$STUDY/old-src"  # not small-now: report() would tabulate it as a rule study
+        frozen_old "$STUDY/old-src"
         sleep 90
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all

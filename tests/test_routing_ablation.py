@@ -83,15 +83,21 @@ def test_codes_hit_in_the_last_window_come_from_dead_codes_and_the_run_config(tm
     assert row.split(" | ")[9:12] == cells
 
 
-def test_runs_cut_at_different_steps_are_compared_at_the_last_step_all_reached(tmp_path, capsys):
-    # frozen stopped at step 200 (1.5 bits/byte); graph finished at 400 (1.2) but was 1.8 at 200:
-    # its final value beats frozen, yet at equal tokens it is 20% behind.
-    root = tmp_path / "ablation"
-    for name, curve in {"frozen-s0": [(100, 2.0), (200, 1.5)], "graph-s0": [(100, 2.1), (200, 1.8), (400, 1.2)]}.items():
-        run = root / name
-        run.mkdir(parents=True)
+def _write_curves(root, curves: dict[str, list[tuple[int, float]]]) -> None:
+    for name, curve in curves.items():
+        (root / name).mkdir(parents=True)
         records = [{"step": step, "val_bits_per_byte": val} for step, val in curve]
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (root / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+# frozen stopped at step 200 (1.5 bits/byte); graph finished at 400 (1.2) but was 1.8 at 200:
+# its final value beats frozen, yet at equal tokens it is 20% behind.
+CUT_CURVES = {"frozen-s0": [(100, 2.0), (200, 1.5)], "graph-s0": [(100, 2.1), (200, 1.8), (400, 1.2)]}
+
+
+def test_runs_cut_at_different_steps_are_compared_at_the_last_step_all_reached(tmp_path, capsys):
+    root = tmp_path / "ablation"
+    _write_curves(root, CUT_CURVES)
     assert _main("report", "--root", str(root), "--steps", "400", "--baseline", "frozen") == 0
     lines = capsys.readouterr().out.splitlines()
     assert "| val @ step 200 | vs frozen @ 200 |" in lines[0]
@@ -103,8 +109,16 @@ def test_runs_cut_at_different_steps_are_compared_at_the_last_step_all_reached(t
 
 def test_runs_that_all_end_at_one_step_get_no_equal_step_columns(tmp_path, capsys):
     root = tmp_path / "ablation"
-    for name, val in {"frozen-s0": 1.5, "graph-s0": 1.4}.items():
-        (root / name).mkdir(parents=True)
-        (root / name / "metrics.jsonl").write_text(json.dumps({"step": 100, "val_bits_per_byte": val}) + "\n")
+    _write_curves(root, {"frozen-s0": [(100, 1.5)], "graph-s0": [(100, 1.4)]})
     assert _main("report", "--root", str(root), "--steps", "100", "--baseline", "frozen") == 0
     assert "@ step" not in capsys.readouterr().out
+
+
+def test_at_step_picks_the_comparison_step_and_refuses_one_not_every_run_reached(tmp_path, capsys):
+    root = tmp_path / "ablation"
+    _write_curves(root, CUT_CURVES)
+    assert _main("report", "--root", str(root), "--steps", "400", "--baseline", "frozen", "--at-step", "100") == 0
+    graph = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| graph")][0].split(" | ")
+    assert graph[5:7] == ["2.1000", "+5.0%"]
+    with pytest.raises(SystemExit, match=r"--at-step 400: .*\[100, 200\]"):
+        _main("report", "--root", str(root), "--steps", "400", "--baseline", "frozen", "--at-step", "400")
