@@ -86,7 +86,15 @@ I8F_CONFIGS = [("i8f", dict(BN=64, BW=32, warps=4, per_sm=4)), ("i8f", dict(BN=6
                ("i8f", dict(BN=32, BW=32, warps=4, per_sm=8)), ("i8f", dict(BN=64, BW=32, warps=8, per_sm=4)),
                ("i8f", dict(BN=128, BW=32, warps=8, per_sm=2)), ("i8f", dict(BN=64, BW=64, warps=4, per_sm=4)),
                ("i8f", dict(BN=64, BW=32, warps=4, split=1)), ("i8f", dict(BN=32, BW=32, warps=4, per_sm=16)),
-               ("i8f", dict(BN=16, BW=32, warps=4, per_sm=16))]
+               ("i8f", dict(BN=16, BW=32, warps=4, per_sm=16)),
+               # the first word tile loaded before the activation pack (one wave of programs: without
+               # it no weight bytes are in flight while every program packs its slice)
+               ("i8f", dict(BN=64, BW=32, warps=4, per_sm=4, early=True)),
+               ("i8f", dict(BN=64, BW=32, warps=4, per_sm=2, early=True)),
+               ("i8f", dict(BN=128, BW=32, warps=8, per_sm=2, early=True)),
+               ("i8f", dict(BN=64, BW=32, warps=8, per_sm=4, early=True)),
+               ("i8f", dict(BN=32, BW=32, warps=4, per_sm=8, early=True)),
+               ("i8f", dict(BN=64, BW=64, warps=4, per_sm=4, early=True))]
 SMALL_M = (2, 4, 8, 16)
 EXPERTS = ((2048, 2240), (1120, 2048))  # default_3b: gate_up and down of each of 16 experts
 PRESETS = (("small", 64), ("default_3b", 32))  # preset, new tokens decoded
@@ -126,6 +134,8 @@ def cfg_name(variant: str, cfg: dict | None) -> str:
         parts.append(f"st{cfg['stages']}")
     if cfg.get("maxnreg") is not None:
         parts.append(f"r{cfg['maxnreg']}")
+    if cfg.get("early"):
+        parts.append("early")
     return f"{variant}/{'/'.join(parts)}"
 
 

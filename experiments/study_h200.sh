@@ -24,6 +24,8 @@
 #   bash experiments/study_h200.sh float-frozen-tests  # float-frozen's six runs, the CUDA GEMV/generation tests
 #                                                      # beside them; then finish-gemv with GEMV_S=0
 #   bash experiments/study_h200.sh frozen-alone  # issue 14's (b) frozen x3 under rule old, alone: one call
+#   bash experiments/study_h200.sh gemv-frozen  # the i8f sweep (with `early`) at 3 shapes, then frozen-alone's runs
+#                                               # and (e) at 2^20 codes; `pack` (wait, tarball) on the next call
 #   bash experiments/study_h200.sh gemv-auto  # CUDA GEMV/generation tests, then the 8192^2 sweep: one call, no training
 #   bash experiments/study_h200.sh finish-gemv  # wait, report, pack, then the M = 1 GEMV sweep at 8192^2 (idle GPU)
 #   bash experiments/study_h200.sh codes-large  # then 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 0-2,
@@ -220,6 +222,24 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
         ;;
+    gemv-frozen)  # the M = 1 sweep of i8f (`early` tiles among them) at the three shapes on the idle GPU; then
+                  # issue 14's (b) frozen x3 under rule old and (e) at 2^20 codes (seed 0), the CUDA i8f tests
+                  # beside them; STOP_S (default 560) bounds the wait; `pack` after every call
+        device_info
+        timeout 200 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 160 --variants i8f 2>&1 \
+            | grep -E "^ *(gemv|small M|experts) |^best|FAILED|WRONG|Error|bf16 F.linear" | tail -60
+        extract_old "$STUDY/old-src"
+        frozen_old "$STUDY/old-src"
+        launch routing_old_1m routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-1m-codes --seeds 0 --parallel 1
+        timeout 240 python3 -m pytest tests/test_ternary_gemv.py -m cuda -k "i8f" -q -rf -p no:cacheprovider \
+            > "$OUT/pytest_gemv_i8f_cuda.log" 2>&1
+        tail -3 "$OUT/pytest_gemv_i8f_cuda.log"
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+        WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
+        ;;
+    pack)  # wait (up to WAIT_S), then the reports and every run's config, metrics and log in one tarball
+        wait_all
+        ;;
     gemv-auto)  # auto is i8f at M <= 2: the CUDA GEMV and generation tests, then i8f against the other
                 # kernels at 8192^2 (M = 1 sweep, M = 2..16 defaults); one call, no training
         device_info
@@ -314,8 +334,12 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|frozen-alone|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|frozen-alone|gemv-frozen|pack|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 report
+if [ "${1:-}" = gemv-frozen ] || [ "${1:-}" = pack ]; then  # the runs so far, in case the machine goes back
+    (cd "$STUDY" && find routing-old -name config.json -o -name metrics.jsonl -o -name train.log \
+        | tar czf "$OUT/routing_old_runs.tar.gz" -T -)
+fi
