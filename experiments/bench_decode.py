@@ -87,14 +87,21 @@ I8F_CONFIGS = [("i8f", dict(BN=64, BW=32, warps=4, per_sm=4)), ("i8f", dict(BN=6
                ("i8f", dict(BN=128, BW=32, warps=8, per_sm=2)), ("i8f", dict(BN=64, BW=64, warps=4, per_sm=4)),
                ("i8f", dict(BN=64, BW=32, warps=4, split=1)), ("i8f", dict(BN=32, BW=32, warps=4, per_sm=16)),
                ("i8f", dict(BN=16, BW=32, warps=4, per_sm=16)),
-               # the first word tile loaded before the activation pack (one wave of programs: without
-               # it no weight bytes are in flight while every program packs its slice)
-               ("i8f", dict(BN=64, BW=32, warps=4, per_sm=4, early=True)),
-               ("i8f", dict(BN=64, BW=32, warps=4, per_sm=2, early=True)),
-               ("i8f", dict(BN=128, BW=32, warps=8, per_sm=2, early=True)),
-               ("i8f", dict(BN=64, BW=32, warps=8, per_sm=4, early=True)),
-               ("i8f", dict(BN=32, BW=32, warps=4, per_sm=8, early=True)),
-               ("i8f", dict(BN=64, BW=64, warps=4, per_sm=4, early=True))]
+               # the words of the first 1, 2 or 4 K steps loaded before the activation pack (one wave of
+               # programs: without it no weight bytes are in flight while every program packs its slice);
+               # tiles and programs per SM chosen so that the early tile's registers still let them fit
+               # (experiments/gemv_registers.py)
+               ("i8f", dict(BN=64, BW=32, warps=4, per_sm=4, early=1)),
+               ("i8f", dict(BN=64, BW=32, warps=4, per_sm=2, early=1)),
+               ("i8f", dict(BN=64, BW=32, warps=4, per_sm=2, early=2)),
+               ("i8f", dict(BN=128, BW=32, warps=8, per_sm=2, early=1)),
+               ("i8f", dict(BN=64, BW=32, warps=8, per_sm=4, early=1)),
+               ("i8f", dict(BN=64, BW=32, warps=8, per_sm=2, early=2)),
+               ("i8f", dict(BN=32, BW=32, warps=4, per_sm=4, early=2)),
+               ("i8f", dict(BN=32, BW=32, warps=4, per_sm=4, early=4)),
+               ("i8f", dict(BN=32, BW=32, warps=4, per_sm=8, early=1)),
+               ("i8f", dict(BN=16, BW=32, warps=4, per_sm=8, early=2)),
+               ("i8f", dict(BN=16, BW=32, warps=4, per_sm=8, early=4))]
 SMALL_M = (2, 4, 8, 16)
 EXPERTS = ((2048, 2240), (1120, 2048))  # default_3b: gate_up and down of each of 16 experts
 PRESETS = (("small", 64), ("default_3b", 32))  # preset, new tokens decoded
@@ -135,7 +142,7 @@ def cfg_name(variant: str, cfg: dict | None) -> str:
     if cfg.get("maxnreg") is not None:
         parts.append(f"r{cfg['maxnreg']}")
     if cfg.get("early"):
-        parts.append("early")
+        parts.append(f"early{cfg['early']}")
     return f"{variant}/{'/'.join(parts)}"
 
 

@@ -245,10 +245,11 @@ def test_bad_input_is_refused_naming_the_argument(gen):
         tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(stages=0))
     with pytest.raises(ValueError, match=r"config keys must be among .* got \['prefetch'\]"):
         tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(prefetch=True))
-    with pytest.raises(ValueError, match="config early must be a bool, got 1"):
-        tg.gemv_2bit_triton(x.bfloat16(), words, E, 40, 8, variant="i8f", config=dict(early=1))
+    for early in (3, True):
+        with pytest.raises(ValueError, match=rf"config early must be one of \(0, 1, 2, 4\) .* got {early}"):
+            tg.gemv_2bit_triton(x.bfloat16(), words, E, 40, 8, variant="i8f", config=dict(early=early))
     with pytest.raises(ValueError, match="config early applies to variant 'i8f' only, got variant='fma'"):
-        tg.gemv_2bit_triton(x, words, E, 40, 8, variant="fma", config=dict(early=True))
+        tg.gemv_2bit_triton(x, words, E, 40, 8, variant="fma", config=dict(early=1))
     with pytest.raises(ValueError, match="config maxnreg must be an int in 32..255 .* got 16"):
         tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(maxnreg=16))
     with pytest.raises(ValueError, match="out must be a contiguous"):
@@ -294,8 +295,9 @@ def test_per_row_kernels_match_their_reference(backend, n, k, plane_words, m, va
         ref = tg.gemv_2bit_reference(x, words, E, k, plane_words)
         torch.testing.assert_close(ref.double().cpu(), _oracle(x, packed, E, k), **_tolerance(dtype, ref))
     configs = _splits(plane_words) if m == 1 else _splits(plane_words)[1::2]
-    if variant == "i8f":  # the first word tile loaded before the activation pack: split over K and not
-        configs += [dict(c, early=True) for c in configs[:2]]
+    if variant == "i8f":  # words of the first steps loaded before the activation pack: 1 step without a
+        # split over K, 2 steps where some slices are shorter (split=3: the last slice may have 1 step)
+        configs += [dict(configs[0], early=1), dict(configs[1], early=2), dict(configs[1], early=4)]
     for cfg in configs:
         if variant != "fma":  # i8 quantises per row, i8f per K slice of the launch
             slices = (tg.i8f_slice_words(m, n, words.shape[1], plane_words, x.device, cfg)

@@ -86,6 +86,7 @@ DOT_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)
 I8_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)  # sm4 16.9 µs vs sm8 18.6 at 8192², H200
 I8F_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)  # the H100 sweep's best at 8192² (bench_decode_i8f_private_h100.log)
 PACK_BLOCK = 8192  # activations per step of the i8 variant's x pack (a whole 8192-wide row: 32 per thread)
+EARLY_CHOICES = (0, 1, 2, 4)  # "i8f": K steps of words loaded before the activation pack (one tile)
 CONFIG_KEYS = ("BN", "BW", "warps", "per_sm", "split", "stages", "maxnreg", "early")
 X16_MAX = 32767  # "i8": activations as 16-bit fixed point, x ≈ sx · (256·hi + lo), |256·hi + lo| <= X16_MAX
 X16_ABSMAX_FLOOR = 2.0 ** -100  # keeps X16_MAX / absmax finite (all-zero rows quantise to zeros, not NaN)
@@ -546,42 +547,50 @@ if HAS_TRITON:
         return v
 
     @triton.jit
-    def _i8_step(wd, hi_row, lo_row, wi, q, acc_hi, acc_lo, KW, L: tl.constexpr, BN: tl.constexpr,
+    def _i8_step(wd, hi_row, lo_row, wi, w_end, acc_hi, acc_lo, L: tl.constexpr, BN: tl.constexpr,
                  BW: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr, L2_ONLY: tl.constexpr):
-        """One K step of the i8 loop: the (BN, BW) word tile ``wd`` (words ``wi``) against its x words
-        from ``q`` (the x word of byte group j = 0 of each word column)."""
+        """One K step of the i8 loop: the (BN, BW) word tile ``wd`` of words ``wi`` (contiguous) against
+        their x words; x words of words at or past ``w_end`` load as zeros unless EVEN."""
+        q = (wi // L) * (4 * L) + wi % L  # the x word of byte group j = 0 of each word column
         for j in tl.static_range(4):
             a = (wd >> (2 * j)) & 0x03030303  # fields 4i + j in byte i: d = 0, 1, 2
-            xh = _load_x_word(hi_row + q + j * L, wi < KW, EVEN, L2_ONLY)
-            xl = _load_x_word(lo_row + q + j * L, wi < KW, EVEN, L2_ONLY)
+            xh = _load_x_word(hi_row + q + j * L, wi < w_end, EVEN, L2_ONLY)
+            xl = _load_x_word(lo_row + q + j * L, wi < w_end, EVEN, L2_ONLY)
             acc_hi = _dp4a(a, tl.broadcast_to(xh[None, :], (BN, BW)), acc_hi, True, ASM)
             acc_lo = _dp4a(a, tl.broadcast_to(xl[None, :], (BN, BW)), acc_lo, False, ASM)
         return acc_hi, acc_lo
 
     @triton.jit
-    def _i8_sums(w_rows, hi_row, lo_row, n_ok, w_start, n_it, KW, wd_first, L: tl.constexpr, BN: tl.constexpr,
+    def _i8_sums(w_rows, hi_row, lo_row, n_ok, w_start, n_it, KW, wd_early, L: tl.constexpr, BN: tl.constexpr,
                  BW: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr, L2_ONLY: tl.constexpr,
                  EARLY: tl.constexpr):
         """The i8 loop over ``n_it`` steps of BW words from ``w_start``: exact (Σ d·hi, Σ d·lo) per
         row. ``L2_ONLY``: x words load through L2 (.cg), for words this kernel wrote itself.
-        ``EARLY``: ``wd_first`` is step 0's word tile, loaded by the caller (else it is unused)."""
+        ``EARLY`` > 0: ``wd_early`` is the (BN, EARLY·BW) tile of the first EARLY steps, loaded by
+        the caller (zeros past the slice's end: :func:`_early_words`); else it is unused."""
         offs_w = tl.arange(0, BW)
-        q_base = (offs_w // L) * (4 * L) + offs_w % L  # the x word of byte group j = 0 of each word column
         acc_hi = tl.zeros((BN, BW), dtype=tl.int32)
         acc_lo = tl.zeros((BN, BW), dtype=tl.int32)
-        first = 0
-        if EARLY:
-            wi = w_start + offs_w
-            acc_hi, acc_lo = _i8_step(wd_first, hi_row, lo_row, wi, (w_start // L) * (4 * L) + q_base, acc_hi,
-                                      acc_lo, KW, L, BN, BW, EVEN, ASM, L2_ONLY)
-            first = 1
-        for it in range(first, n_it):
-            w0 = w_start + it * BW
-            wi = w0 + offs_w
+        for it in range(EARLY, n_it):
+            wi = w_start + it * BW + offs_w
             wd = _load_words(w_rows, wi, n_ok, KW, EVEN)
-            acc_hi, acc_lo = _i8_step(wd, hi_row, lo_row, wi, (w0 // L) * (4 * L) + q_base, acc_hi, acc_lo, KW,
-                                      L, BN, BW, EVEN, ASM, L2_ONLY)
-        return tl.sum(acc_hi, axis=1), tl.sum(acc_lo, axis=1)
+            acc_hi, acc_lo = _i8_step(wd, hi_row, lo_row, wi, KW, acc_hi, acc_lo, L, BN, BW, EVEN, ASM, L2_ONLY)
+        s_hi = tl.sum(acc_hi, axis=1)
+        s_lo = tl.sum(acc_lo, axis=1)
+        if EARLY > 0:  # one step as wide as the early tile; a slice shorter than it is masked at its end
+            wi = w_start + tl.arange(0, EARLY * BW)
+            e_hi, e_lo = _i8_step(wd_early, hi_row, lo_row, wi, tl.minimum(KW, w_start + n_it * BW),
+                                  tl.zeros((BN, EARLY * BW), dtype=tl.int32),
+                                  tl.zeros((BN, EARLY * BW), dtype=tl.int32), L, BN, EARLY * BW, False, ASM, L2_ONLY)
+            s_hi += tl.sum(e_hi, axis=1)
+            s_lo += tl.sum(e_lo, axis=1)
+        return s_hi, s_lo
+
+    @triton.jit
+    def _early_words(w_rows, n_ok, w_start, n_it, KW, BW: tl.constexpr, EARLY: tl.constexpr):
+        """The (BN, EARLY·BW) word tile of a slice's first EARLY steps (zeros past the slice)."""
+        wi = w_start + tl.arange(0, EARLY * BW)
+        return _load_words(w_rows, wi, n_ok, tl.minimum(KW, w_start + n_it * BW), False)
 
     @triton.jit(do_not_specialize=["K", "KQ", "stride_xm"])
     def _pack_x16_kernel(x_ptr, hi_ptr, lo_ptr, sx_ptr, xs_ptr, K, KQ, stride_xm, L: tl.constexpr,
@@ -622,7 +631,7 @@ if HAS_TRITON:
         w_start = pid_k * (iters * BW)
         n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
         s_hi, s_lo = _i8_sums(w_rows, hi_ptr + m.to(tl.int64) * KQ, lo_ptr + m.to(tl.int64) * KQ, n_ok, w_start,
-                              n_it, KW, 0, L, BN, BW, EVEN, ASM, False, False)
+                              n_it, KW, 0, L, BN, BW, EVEN, ASM, False, 0)
         # Σ t·x16 = 256·Σ d·hi + Σ d·lo - Σ x16 (t = d - 1); the row's Σ x16 is taken once, by pid_k 0
         total = 256.0 * s_hi.to(tl.float32) + s_lo.to(tl.float32)
         total -= tl.where(pid_k == 0, tl.load(xs_ptr + m).to(tl.float32), 0.0)
@@ -637,8 +646,8 @@ if HAS_TRITON:
         """"i8" with the activation pack fused in: each program quantises its own K slice of x
         with the slice's absmax, writes the packed words to its own part of ``xq`` (row blocks
         sharing one buffer contended for the same L2 lines), and runs the i8 loop over them. No
-        second launch to wait for. ``EARLY``: the first word tile is loaded before the pack, so
-        its memory latency overlaps the pack's instead of following it."""
+        second launch to wait for. ``EARLY``: the word tile of the first EARLY steps is loaded before
+        the pack, so its memory latency overlaps the pack's instead of following it."""
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -652,9 +661,9 @@ if HAS_TRITON:
         n_ok = offs_n < N
         rows = offs_n.to(tl.int64)
         w_rows = w_ptr + rows[:, None] * (stride_w8 * 8)  # see _gemv2_fma_kernel: 32-byte aligned rows
-        wd_first = 0
-        if EARLY:  # every program has at least one step (the launcher's split)
-            wd_first = _load_words(w_rows, w_start + tl.arange(0, BW), n_ok, KW, EVEN)
+        wd_early = 0
+        if EARLY > 0:
+            wd_early = _early_words(w_rows, n_ok, w_start, n_it, KW, BW, EARLY)
         # the slice's absmax: columns 16·w_start .. 16·(w_start + n_it·BW), a step of 16·BW at a time
         offs_c = tl.arange(0, 16 * BW)
         absmax = tl.zeros((16 * BW,), dtype=tl.float32)
@@ -675,7 +684,7 @@ if HAS_TRITON:
         # the words were written by this program's threads: after the barrier every thread sees
         # them; loads go to L2 (.cg), not to L1
         tl.debug_barrier()
-        s_hi, s_lo = _i8_sums(w_rows, hi_row, lo_row, n_ok, w_start, n_it, KW, wd_first, L, BN, BW, EVEN, ASM, True,
+        s_hi, s_lo = _i8_sums(w_rows, hi_row, lo_row, n_ok, w_start, n_it, KW, wd_early, L, BN, BW, EVEN, ASM, True,
                               EARLY)
         total = 256.0 * s_hi.to(tl.float32) + s_lo.to(tl.float32)
         total -= tl.sum(xsum, axis=0).to(tl.float32)  # this slice's Σ x16 (t = d - 1)
@@ -732,8 +741,10 @@ if HAS_TRITON:
         if maxnreg is not None and (not isinstance(maxnreg, int) or isinstance(maxnreg, bool)
                                     or not 32 <= maxnreg <= 255):
             raise ValueError(f"config maxnreg must be an int in 32..255 (registers per thread), got {maxnreg!r}")
-        if not isinstance(cfg.get("early", False), bool):
-            raise ValueError(f"config early must be a bool, got {cfg['early']!r}")
+        early = cfg.get("early", 0)
+        if isinstance(early, bool) or not isinstance(early, int) or early not in EARLY_CHOICES:
+            raise ValueError(f"config early must be one of {EARLY_CHOICES} (K steps loaded before the pack), "
+                             f"got {early!r}")
         if BN < MIN_BN or BN & (BN - 1):
             raise ValueError(f"config BN must be a power of two >= {MIN_BN}, got {BN}")
         if BW < L or BW & (BW - 1):
@@ -776,8 +787,8 @@ if HAS_TRITON:
         ``config`` (keys CONFIG_KEYS): BN, BW, warps, per_sm, optional split (forced number of K
         splits), optional stages (Triton's ``num_stages``: how deep its software pipeliner may
         prefetch loop loads), optional maxnreg (registers per thread: at the fma kernel's own 168,
-        3 programs fit an SM), optional early ("i8f" only: load the first word tile before the
-        activation pack).
+        3 programs fit an SM), optional early ("i8f" only: the K steps whose words are loaded
+        before the activation pack, one of EARLY_CHOICES).
         """
         M, N, G = check_gemv_args(x2d, words, E, in_features, plane_words, offsets)
         if variant not in VARIANTS:
@@ -854,7 +865,7 @@ if HAS_TRITON:
             _gemv2_i8f_kernel[(M, n_blocks, split)](
                 x2d, xq, words, E, y, ws, counters, N, K, KW, x2d.stride(0), KW // 8, y.stride(0), iters, split,
                 L=L, BN=BN, BW=BW, SPLIT=split > 1, EVEN=KW % BW == 0, ASM=not interpreting(),
-                EARLY=bool(cfg.get("early", False)), num_warps=warps, **stage_arg)
+                EARLY=cfg.get("early", 0), num_warps=warps, **stage_arg)
             return y
         pos, base = (5, 0x3F80) if x2d.dtype == torch.bfloat16 else (8, 0x3C00)  # top 2 mantissa bits of 1.0
         _gemv2_dot_kernel[(n_blocks, split)](
