@@ -458,9 +458,35 @@ def decode_tokens_per_s(model, ids: torch.Tensor, new_tokens: int, graph: bool, 
     return max(rates)
 
 
-def gpu_per_step(model, ids: torch.Tensor, graph: bool, steps: int = 8) -> tuple[float, float]:
-    """(GPU kernel ms, kernel launches) per decode step (token copy, step, argmax), from torch.profiler.
-    A graph replay counts as one launch (cudaGraphLaunch); its kernels count in the GPU time."""
+# the weight products of a decode step: the decode GEMVs' kernels (prepare_inference) by name, and
+# the float twin's by the op that launched them (outermost only: aten::linear calls aten::mm)
+GEMV_KERNEL_PREFIXES = ("_gemv2_", "_pack_x16")
+LINEAR_OPS = ("aten::linear", "aten::_grouped_mm", "aten::mm", "aten::addmm", "aten::matmul")
+
+
+def linear_kernel_us(events) -> float:
+    """Kernel µs of the weight products among a profiler's events (see LINEAR_OPS)."""
+    from torch.autograd import DeviceType
+
+    total = 0.0
+    for e in events:
+        if e.device_type == DeviceType.CUDA:
+            if e.name.startswith(GEMV_KERNEL_PREFIXES):
+                total += e.device_time_total
+            continue
+        if e.name in LINEAR_OPS:
+            parent = e.cpu_parent
+            while parent is not None and parent.name not in LINEAR_OPS:
+                parent = parent.cpu_parent
+            if parent is None:
+                total += e.device_time_total
+    return total
+
+
+def gpu_per_step(model, ids: torch.Tensor, graph: bool, steps: int = 8) -> tuple[float, float, float]:
+    """(GPU kernel ms, kernel launches, weight-product kernel ms) per decode step (token copy, step,
+    argmax), from torch.profiler. A graph replay counts as one launch (cudaGraphLaunch); its kernels
+    count in the GPU time, but not in the weight products (a replay's kernels have no launching op)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -478,7 +504,7 @@ def gpu_per_step(model, ids: torch.Tensor, graph: bool, steps: int = 8) -> tuple
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
     names = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
     launches = sum(e.count for e in events if e.key in names)
-    return kernel_us / 1e3 / steps, launches / steps
+    return kernel_us / 1e3 / steps, launches / steps, linear_kernel_us(prof.events()) / 1e3 / steps
 
 
 def replay_ms(model, ids: torch.Tensor, steps: int = 16) -> float:
@@ -578,9 +604,11 @@ def model_section(b: Bench, preset: str, new_tokens: int, ids: torch.Tensor) -> 
                 except Exception as exc:
                     b.fail(f"{preset} {label} timing", exc)
                 try:
-                    gpu_ms, launches = gpu_per_step(model, ids, graph)
+                    gpu_ms, launches, linear_ms = gpu_per_step(model, ids, graph)
                     row["gpu_ms_per_token"] = round(gpu_ms, 3)
                     row["launches_per_token"] = round(launches, 1)
+                    if not graph and (kind == "float" or prepared):  # the training kernels go unnamed
+                        row["linear_gpu_ms_per_token"] = round(linear_ms, 3)
                     if graph:
                         row["replay_ms_per_token"] = round(replay_ms(model, ids), 3)
                 except Exception as exc:
@@ -657,6 +685,7 @@ def main() -> int:
     ap.add_argument("--reps-ms", type=int, default=60, help="do_bench time per measurement")
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip sections that would run past this")
     ap.add_argument("--skip-models", action="store_true", help="GEMV sections only")
+    ap.add_argument("--models-only", action="store_true", help="the model section only (no GEMV sections)")
     ap.add_argument("--variants", default="", help="M = 1 sweep: only these kinds, comma-separated (e.g. i8f,i8; "
                     "the default fma config is always timed); empty: all")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN list, M = 1 sweep")
@@ -701,8 +730,11 @@ def main() -> int:
     except Exception as exc:
         b.fail("copy bandwidth", exc)
 
+    if args.skip_models and args.models_only:
+        print("bench_decode: --skip-models and --models-only leave nothing to run", file=sys.stderr)
+        return 2
     best_fma, best_time = None, float("inf")
-    for K, N in pairs(args.shapes):
+    for K, N in ([] if args.models_only else pairs(args.shapes)):
         if not b.has_time(40, f"GEMV {K}->{N}"):
             continue
         try:
@@ -721,15 +753,16 @@ def main() -> int:
             b.fail("kernel report", exc)
     if best_fma == FMA_CONFIGS[0]:
         best_fma = None  # the default already runs
-    try:
-        if b.has_time(60, "small-M GEMV"):
-            gemv_small_m(b, gen, best_fma, *pairs(args.small_m_shape)[0])
-    except Exception as exc:
-        b.fail("small-M GEMV", exc)
-    try:
-        gemv_experts(b, gen, best_fma, pairs(args.experts))
-    except Exception as exc:
-        b.fail("expert GEMV", exc)
+    if not args.models_only:
+        try:
+            if b.has_time(60, "small-M GEMV"):
+                gemv_small_m(b, gen, best_fma, *pairs(args.small_m_shape)[0])
+        except Exception as exc:
+            b.fail("small-M GEMV", exc)
+        try:
+            gemv_experts(b, gen, best_fma, pairs(args.experts))
+        except Exception as exc:
+            b.fail("expert GEMV", exc)
 
     if not args.skip_models:
         ids, source = prompt_ids(dev, args.prompt_bytes)
@@ -791,6 +824,15 @@ def main() -> int:
                 if key in ours and key in other and ours[key] and other[key]:
                     ratio = ours[key] / other[key] if key == "tokens_per_s" else other[key] / ours[key]
                     b.log(f"{preset}: {what}, {label}: {ratio:.2f}x")
+        ours, other = by.get(tern, {}), by.get(flt, {})
+        key = "linear_gpu_ms_per_token"
+        if key in ours and key in other and other["gpu_ms_per_token"]:
+            rest = other["gpu_ms_per_token"] - other[key]  # what both models run besides weight products
+            b.log(f"{preset}: weight products {ours[key]:.3f} (ternary) / {other[key]:.3f} (float) of "
+                  f"{ours['gpu_ms_per_token']:.3f} / {other['gpu_ms_per_token']:.3f} GPU ms per token; with "
+                  f"free weight products the ternary step could be at most {other['gpu_ms_per_token'] / rest:.2f}x "
+                  f"the float twin's (GPU kernel time, eager)" if rest > 0 else
+                  f"{preset}: weight products {other[key]:.3f} of {other['gpu_ms_per_token']:.3f} GPU ms per token")
     (out_dir / "bench_decode.log").write_text("\n".join(b.lines) + "\n")
     return 0
 

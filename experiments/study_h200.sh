@@ -24,7 +24,7 @@
 #   bash experiments/study_h200.sh float-frozen-tests  # float-frozen's six runs, the CUDA GEMV/generation tests
 #                                                      # beside them; then finish-gemv with GEMV_S=0
 #   bash experiments/study_h200.sh frozen-alone  # issue 14's (b) frozen x3 under rule old, alone: one call
-#   bash experiments/study_h200.sh gemv-frozen  # the i8f sweep (with `early`) at 3 shapes, then frozen-alone's runs
+#   bash experiments/study_h200.sh gemv-frozen  # the i8f sweep (with `early`) at 3 shapes and the small decode profile, then frozen-alone's runs
 #                                               # and (e) at 2^20 codes; `pack` (wait, tarball) on the next call
 #   bash experiments/study_h200.sh gemv-auto  # CUDA GEMV/generation tests, then the 8192^2 sweep: one call, no training
 #   bash experiments/study_h200.sh finish-gemv  # wait, report, pack, then the M = 1 GEMV sweep at 8192^2 (idle GPU)
@@ -222,12 +222,15 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
         ;;
-    gemv-frozen)  # the M = 1 sweep of i8f (`early` tiles among them) at the three shapes on the idle GPU; then
+    gemv-frozen)  # the M = 1 sweep of i8f (`early` tiles among them) at the three shapes and the small
+                  # preset's decode (with the weight products' share of a step) on the idle GPU; then
                   # issue 14's (b) frozen x3 under rule old and (e) at 2^20 codes (seed 0), the CUDA i8f tests
                   # beside them; STOP_S (default 560) bounds the wait; `pack` after every call
         device_info
         timeout 200 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 160 --variants i8f 2>&1 \
             | grep -E "^ *(gemv|small M|experts) |^best|FAILED|WRONG|Error|bf16 F.linear" | tail -60
+        timeout 150 python3 experiments/bench_decode.py --out "$OUT/models" --models-only --presets small:64 \
+            --budget-s 120 2>&1 | grep -E "^ *small |^small:|FAILED|Error" | tail -20
         extract_old "$STUDY/old-src"
         frozen_old "$STUDY/old-src"
         launch routing_old_1m routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-1m-codes --seeds 0 --parallel 1
