@@ -17,7 +17,7 @@ from ternary_graph.config import get_preset
 from ternary_graph.models.decode_graph import DecodeGraph, StepDecoder, clear_decode_graphs, decode_graph
 from ternary_graph.models.generate import check_sampling_args, decode_stream, filter_top_k, filter_top_p, sample_next
 from ternary_graph.models.model import build_model
-from ternary_graph.nn.attention import KVCache
+from ternary_graph.nn.attention import KVCache, apply_rotary
 from ternary_graph.train.loop import load_model_from_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -418,3 +418,24 @@ def test_checkpoint_folder_without_a_checkpoint(capsys, tmp_path):
     rc, err = run_main(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "x")
     assert rc == 2 and err.startswith("ternary-graph generate: error: --checkpoint") and "no complete checkpoint" in err
     assert str(tmp_path) in err and err.count("\n") == 1
+
+
+def test_decode_op_census_names_the_library_functions_of_a_step():
+    """experiments/decode_ops.py: every op of a decode step is attributed to the library function
+    that issued it, views are not counted, and the routing and attention functions are among them."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    import decode_ops
+
+    census = decode_ops.decode_step_census(SMALL, "float")
+    assert sum(census.by_site.values()) == sum(census.by_op.values()) > 0
+    assert not set(census.by_op) & decode_ops.VIEW_OPS
+    one_call = decode_ops.OpCensus()  # q and k of every layer rotate once per step
+    head_dim = SMALL.dim // SMALL.n_heads
+    with one_call, torch.no_grad():
+        apply_rotary(torch.zeros(1, SMALL.n_heads, 1, head_dim, dtype=torch.bfloat16),
+                     torch.ones(1, head_dim // 2), torch.zeros(1, head_dim // 2))
+    assert census.by_site["nn/attention.py:apply_rotary"] == 2 * SMALL.n_layers * one_call.by_site[
+        "nn/attention.py:apply_rotary"] > 0
+    assert census.by_site["graph/routing.py:select_experts"] > 0
+    assert census.by_site["nn/attention.py:rms_norm"] > 0
+    assert all(site == "(outside the library)" or ".py:" in site for site in census.by_site)
