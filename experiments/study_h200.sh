@@ -26,6 +26,7 @@
 #   bash experiments/study_h200.sh frozen-alone  # issue 14's (b) frozen x3 under rule old, alone: one call
 #   bash experiments/study_h200.sh gemv-frozen  # the i8f sweep (with `early`) at 3 shapes and the small decode profile, then frozen-alone's runs
 #                                               # and (e) at 2^20 codes; `pack` (wait, tarball) on the next call
+#   bash experiments/study_h200.sh gemv-profile  # gemv-frozen's sweep and decode profile with the CUDA GEMV tests, no training
 #   bash experiments/study_h200.sh gemv-auto  # CUDA GEMV/generation tests, then the 8192^2 sweep: one call, no training
 #   bash experiments/study_h200.sh finish-gemv  # wait, report, pack, then the M = 1 GEMV sweep at 8192^2 (idle GPU)
 #   bash experiments/study_h200.sh codes-large  # then 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 0-2,
@@ -240,6 +241,18 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
         ;;
+    gemv-profile)  # gemv-frozen without the training runs: the i8f sweep, the small decode profile, the
+                   # CUDA GEMV and generation tests; one call of ~5 minutes
+        device_info
+        timeout 200 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 160 --variants i8f 2>&1 \
+            | grep -E "^ *(gemv|small M|experts) |^best|FAILED|WRONG|Error|bf16 F.linear" | tail -60
+        timeout 150 python3 experiments/bench_decode.py --out "$OUT/models" --models-only --presets small:64 \
+            --budget-s 120 2>&1 | grep -E "^ *small |^small:|FAILED|Error" | tail -20
+        timeout 240 python3 -m pytest tests/test_ternary_gemv.py tests/test_generate.py -m cuda -q -rf \
+            -p no:cacheprovider > "$OUT/pytest_gemv_generate_cuda.log" 2>&1
+        tail -3 "$OUT/pytest_gemv_generate_cuda.log"
+        exit 0
+        ;;
     pack)  # wait (up to WAIT_S), then the reports and every run's config, metrics and log in one tarball
         wait_all
         ;;
@@ -337,7 +350,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|frozen-alone|gemv-frozen|pack|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|frozen-alone|gemv-frozen|gemv-profile|pack|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
