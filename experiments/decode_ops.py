@@ -2,8 +2,8 @@
 
 On a GPU nearly every one of these is a kernel launch, and a small model's decode step is a few
 µs of weight reads among ~1,500 launches (docs/kernels.md): this says which code the launches
-come from, on CPU, without a GPU. Operations that only make views (reshape, slice, transpose, …)
-are left out. On CPU the ternary weights, the VQ search and the embedding run their plain-torch
+come from, on CPU, without a GPU. Operations that launch no kernel (views such as reshape, slice
+or transpose; allocations) are left out. On CPU the ternary weights, the VQ search and the embedding run their plain-torch
 references; on CUDA each of those is one Triton launch, so they are counted apart.
 
     PYTHONPATH=. python3 experiments/decode_ops.py small float
@@ -23,7 +23,7 @@ from ternary_graph.config import PRESETS, ModelConfig, get_preset
 from ternary_graph.models.decode_graph import StepDecoder
 from ternary_graph.models.model import build_model
 
-VIEW_OPS = frozenset({
+NO_KERNEL_OPS = frozenset({  # views, allocations and host reads of a scalar
     "view", "_unsafe_view", "as_strided", "slice", "select", "t", "transpose", "expand", "unsqueeze", "squeeze",
     "permute", "alias", "detach", "empty", "empty_strided", "lift_fresh", "_local_scalar_dense", "unbind", "split",
     "split_with_sizes", "narrow", "chunk", "reshape", "_reshape_alias", "new_empty", "empty_like"})
@@ -33,7 +33,8 @@ PACKAGE = "ternary_graph/"
 
 
 class OpCensus(TorchDispatchMode):
-    """Counts every non-view op dispatched inside it by the innermost library frame that issued it."""
+    """Counts every op dispatched inside it (NO_KERNEL_OPS aside) by the innermost library frame
+    that issued it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -42,7 +43,7 @@ class OpCensus(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
-        if name not in VIEW_OPS:
+        if name not in NO_KERNEL_OPS:
             frames = [f for f in traceback.extract_stack() if PACKAGE in f.filename]
             site = f"{frames[-1].filename.split(PACKAGE)[-1]}:{frames[-1].name}" if frames else "(outside the library)"
             self.by_site[site] += 1

@@ -106,6 +106,14 @@ launch() {  # name, script, then its run arguments
     setsid nohup python3 "experiments/$script" "$@" >> "$STUDY/launch_$name.log" 2>&1 < /dev/null &
 }
 
+i8f_sweep_and_decode_profile() {  # on an idle GPU: the M = 1 i8f sweep at the three shapes, then the small
+                                  # preset's decode rows with the weight products' share of a step
+    timeout 200 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 160 --variants i8f 2>&1 \
+        | grep -E "^ *(gemv|small M|experts) |^best|FAILED|WRONG|Error|bf16 F.linear" | tail -60
+    timeout 150 python3 experiments/bench_decode.py --out "$OUT/models" --models-only --presets small:64 \
+        --budget-s 120 2>&1 | grep -E "^ *small |^small:|FAILED|Error" | tail -20
+}
+
 device_info() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
@@ -228,10 +236,7 @@ case "${1:-wait}" in
                   # issue 14's (b) frozen x3 under rule old and (e) at 2^20 codes (seed 0), the CUDA i8f tests
                   # beside them; STOP_S (default 560) bounds the wait; `pack` after every call
         device_info
-        timeout 200 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 160 --variants i8f 2>&1 \
-            | grep -E "^ *(gemv|small M|experts) |^best|FAILED|WRONG|Error|bf16 F.linear" | tail -60
-        timeout 150 python3 experiments/bench_decode.py --out "$OUT/models" --models-only --presets small:64 \
-            --budget-s 120 2>&1 | grep -E "^ *small |^small:|FAILED|Error" | tail -20
+        i8f_sweep_and_decode_profile
         extract_old "$STUDY/old-src"
         frozen_old "$STUDY/old-src"
         launch routing_old_1m routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-1m-codes --seeds 0 --parallel 1
@@ -244,10 +249,7 @@ case "${1:-wait}" in
     gemv-profile)  # gemv-frozen without the training runs: the i8f sweep, the small decode profile, the
                    # CUDA GEMV and generation tests; one call of ~5 minutes
         device_info
-        timeout 200 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 160 --variants i8f 2>&1 \
-            | grep -E "^ *(gemv|small M|experts) |^best|FAILED|WRONG|Error|bf16 F.linear" | tail -60
-        timeout 150 python3 experiments/bench_decode.py --out "$OUT/models" --models-only --presets small:64 \
-            --budget-s 120 2>&1 | grep -E "^ *small |^small:|FAILED|Error" | tail -20
+        i8f_sweep_and_decode_profile
         timeout 240 python3 -m pytest tests/test_ternary_gemv.py tests/test_generate.py -m cuda -q -rf \
             -p no:cacheprovider > "$OUT/pytest_gemv_generate_cuda.log" 2>&1
         tail -3 "$OUT/pytest_gemv_generate_cuda.log"
