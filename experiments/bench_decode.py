@@ -17,6 +17,7 @@ goes on; a section that would overrun ``--budget-s`` is skipped and says so):
    for the ternary model without and with ``prepare_inference()`` and for the float twin with
    bf16 weights, each with the eager decode step (``cuda_graph=False``) and with the step
    replayed as a CUDA graph (``models/decode_graph.py``; its capture time is reported apart,
+   and with the step compiled by inductor inside the graph (capture time includes compilation),
    and its device time per replay by CUDA events); GPU kernel time and kernel launches per
    decode step (torch.profiler); how far the decode-step logits with the copy are from those of
    the training kernels, and those of a replay from the eager step's.
@@ -422,17 +423,18 @@ def prompt_ids(device: torch.device, n: int) -> tuple[torch.Tensor, str]:
     return torch.tensor(list(data), dtype=torch.long, device=device)[None], source
 
 
-def open_decoder(model, graph: bool):
-    """The decoder ``decode_stream`` uses: the model's cached CUDA graph, or the eager step."""
+def open_decoder(model, graph: bool, backend: str | None = None):
+    """The decoder ``decode_stream`` uses: the model's cached CUDA graph, or the eager step
+    (``backend``: the step compiled with torch.compile)."""
     from ternary_graph.models.decode_graph import StepDecoder, decode_graph
 
-    return decode_graph(model, 1) if graph else StepDecoder(model, 1)
+    return decode_graph(model, 1, backend) if graph else StepDecoder(model, 1, backend)
 
 
-def ttft_ms(model, ids: torch.Tensor, graph: bool, reps: int = 3) -> float:
+def ttft_ms(model, ids: torch.Tensor, graph: bool, reps: int = 3, backend: str | None = None) -> float:
     """Prefill (the ordinary forward, the same with or without a graph) to the first token on the host."""
     times = []
-    decoder = open_decoder(model, graph)
+    decoder = open_decoder(model, graph, backend)
     try:
         for _ in range(reps + 1):
             sync()
@@ -444,12 +446,13 @@ def ttft_ms(model, ids: torch.Tensor, graph: bool, reps: int = 3) -> float:
     return statistics.median(times[1:])  # the first run warms up
 
 
-def decode_tokens_per_s(model, ids: torch.Tensor, new_tokens: int, graph: bool, reps: int = 2) -> float:
+def decode_tokens_per_s(model, ids: torch.Tensor, new_tokens: int, graph: bool, reps: int = 2,
+                        backend: str | None = None) -> float:
     from ternary_graph.models.generate import decode_stream
 
     rates = []
     for _ in range(reps):
-        stream = decode_stream(model, ids, new_tokens, temperature=0.0, cuda_graph=graph)
+        stream = decode_stream(model, ids, new_tokens, temperature=0.0, cuda_graph=graph, compile_backend=backend)
         next(stream).item()  # prefill and the first token: not decode steps
         t0 = time.perf_counter()
         steps = sum(1 for _ in stream)
@@ -490,14 +493,15 @@ def free_products_bound(float_step_ms: float, float_products_ms: float) -> float
     return float_step_ms / rest if rest > 0 else float("inf")
 
 
-def gpu_per_step(model, ids: torch.Tensor, graph: bool, steps: int = 8) -> tuple[float, float, float]:
+def gpu_per_step(model, ids: torch.Tensor, graph: bool, steps: int = 8,
+                 backend: str | None = None) -> tuple[float, float, float]:
     """(GPU kernel ms, kernel launches, weight-product kernel ms) per decode step (token copy, step,
     argmax), from torch.profiler. A graph replay counts as one launch (cudaGraphLaunch); its kernels
     count in the GPU time, but not in the weight products (a replay's kernels have no launching op)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    decoder = open_decoder(model, graph)
+    decoder = open_decoder(model, graph, backend)
     try:
         token = decoder.prefill(ids).argmax(-1)
         sync()
@@ -514,11 +518,11 @@ def gpu_per_step(model, ids: torch.Tensor, graph: bool, steps: int = 8) -> tuple
     return kernel_us / 1e3 / steps, launches / steps, linear_kernel_us(prof.events()) / 1e3 / steps
 
 
-def replay_ms(model, ids: torch.Tensor, steps: int = 16) -> float:
+def replay_ms(model, ids: torch.Tensor, steps: int = 16, backend: str | None = None) -> float:
     """Device time per graph replay, by CUDA events around back-to-back steps (the host queues a
     replay in microseconds, so the GPU never waits for it): the step's GPU time including the gaps
     between its kernels, which the profiler's kernel sum leaves out."""
-    decoder = open_decoder(model, True)
+    decoder = open_decoder(model, True, backend)
     try:
         decoder.prefill(ids)
         token = torch.zeros(1, dtype=torch.long, device=ids.device)
@@ -535,9 +539,9 @@ def replay_ms(model, ids: torch.Tensor, steps: int = 16) -> float:
     return start.elapsed_time(end) / max(steps - 1, 1)
 
 
-def step_logits(model, ids: torch.Tensor, graph: bool) -> torch.Tensor:
+def step_logits(model, ids: torch.Tensor, graph: bool, backend: str | None = None) -> torch.Tensor:
     """Logits of one decode step (the prompt's last byte again) after prefilling the prompt."""
-    decoder = open_decoder(model, graph)
+    decoder = open_decoder(model, graph, backend)
     try:
         decoder.prefill(ids)
         return decoder.step(ids[:, -1]).float().clone()
@@ -568,19 +572,26 @@ def model_section(b: Bench, preset: str, new_tokens: int, ids: torch.Tensor) -> 
             # warm-up: compiles every kernel of prefill and of the eager decode step
             decode_tokens_per_s(model, ids, 4, False, reps=1)
             base = "float twin, bf16 weights" if kind == "float" else None
-            # (label, prepare_inference first?, CUDA graph?)
-            runs = [(base, None, False), (f"{base}, CUDA graph", None, True)] if kind == "float" else [
-                ("ternary, training kernels", False, False), ("ternary, training kernels, CUDA graph", False, True),
-                ("ternary, prepare_inference", True, False), ("ternary, prepare_inference, CUDA graph", True, True)]
+            # (label, prepare_inference first?, CUDA graph?, torch.compile backend); a compiled
+            # row's capture_s includes the compilation
+            runs = [(base, None, False, None), (f"{base}, CUDA graph", None, True, None),
+                    (f"{base}, compiled, CUDA graph", None, True, "inductor")] if kind == "float" else [
+                ("ternary, training kernels", False, False, None),
+                ("ternary, training kernels, CUDA graph", False, True, None),
+                ("ternary, prepare_inference", True, False, None),
+                ("ternary, prepare_inference, CUDA graph", True, True, None),
+                ("ternary, prepare_inference, compiled, CUDA graph", True, True, "inductor")]
             is_prepared = False
             logits_plain = None  # the training kernels' step logits
             logits_eager = None  # the eager step's logits of the current weights (a graph row compares)
-            for label, prepared, graph in runs:
+            if b.args.skip_training_kernels:
+                runs = [run for run in runs if run[1] is not False]
+            for label, prepared, graph, backend in runs:
                 if graph and DEVICE != "cuda":
                     b.log(f"{preset} {label}: skipped (a CUDA graph needs --device cuda)")
                     continue
                 # an eager row decodes at a few tens of tokens/s; a graph row mostly waits for its capture
-                row_need = (8 if graph else 15) * (2 if preset == "default_3b" else 1)
+                row_need = (90 if backend else 8 if graph else 15) * (2 if preset == "default_3b" else 1)
                 if not b.has_time(row_need, f"{preset} {label}"):
                     break
                 if prepared and not is_prepared:
@@ -598,7 +609,7 @@ def model_section(b: Bench, preset: str, new_tokens: int, ids: torch.Tensor) -> 
                     try:  # capture now, so that no timing below includes it
                         clear_decode_graphs(model)
                         t1 = time.monotonic()
-                        decode_graph(model, 1).release()
+                        decode_graph(model, 1, backend).release()
                         sync()
                         row["capture_s"] = round(time.monotonic() - t1, 2)
                     except Exception as exc:
@@ -606,22 +617,22 @@ def model_section(b: Bench, preset: str, new_tokens: int, ids: torch.Tensor) -> 
                         b.model_rows.append(row)
                         continue
                 try:
-                    row["ttft_ms"] = round(ttft_ms(model, ids, graph), 2)
-                    row["tokens_per_s"] = round(decode_tokens_per_s(model, ids, new_tokens, graph), 1)
+                    row["ttft_ms"] = round(ttft_ms(model, ids, graph, backend=backend), 2)
+                    row["tokens_per_s"] = round(decode_tokens_per_s(model, ids, new_tokens, graph, backend=backend), 1)
                 except Exception as exc:
                     b.fail(f"{preset} {label} timing", exc)
                 try:
-                    gpu_ms, launches, linear_ms = gpu_per_step(model, ids, graph)
+                    gpu_ms, launches, linear_ms = gpu_per_step(model, ids, graph, backend=backend)
                     row["gpu_ms_per_token"] = round(gpu_ms, 3)
                     row["launches_per_token"] = round(launches, 1)
                     if not graph and (kind == "float" or prepared):  # the training kernels go unnamed
                         row["linear_gpu_ms_per_token"] = round(linear_ms, 3)
                     if graph:
-                        row["replay_ms_per_token"] = round(replay_ms(model, ids), 3)
+                        row["replay_ms_per_token"] = round(replay_ms(model, ids, backend=backend), 3)
                 except Exception as exc:
                     b.fail(f"{preset} {label} profile", exc)
                 try:
-                    logits = step_logits(model, ids, graph)
+                    logits = step_logits(model, ids, graph, backend)
                     if graph and logits_eager is not None:
                         row["logits_rel_err_vs_eager_step"] = rel_err(logits, logits_eager)
                         row["same_argmax_as_eager"] = bool((logits.argmax(-1) == logits_eager.argmax(-1)).all())
@@ -693,6 +704,8 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip sections that would run past this")
     ap.add_argument("--skip-models", action="store_true", help="GEMV sections only")
     ap.add_argument("--models-only", action="store_true", help="the model section only (no GEMV sections)")
+    ap.add_argument("--skip-training-kernels", action="store_true",
+                    help="model section: no rows of the ternary model without its decode copies")
     ap.add_argument("--variants", default="", help="M = 1 sweep: only these kinds, comma-separated (e.g. i8f,i8; "
                     "the default fma config is always timed); empty: all")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN list, M = 1 sweep")
@@ -806,14 +819,14 @@ def main() -> int:
     b.log("")
     b.log("logits rel err: the prepare_inference rows against the training kernels' step, the CUDA graph rows "
           "against the eager step of the same weights (same argmax in parentheses)")
-    b.log(f"{'preset':>10} {'model':>40} {'TTFT ms':>8} {'tok/s':>8} {'GPU ms/tok':>10} {'replay ms':>9} "
+    b.log(f"{'preset':>10} {'model':>50} {'TTFT ms':>8} {'tok/s':>8} {'GPU ms/tok':>10} {'replay ms':>9} "
           f"{'launch/tok':>10} {'capture s':>9} {'logits rel err':>22}")
     nan = float("nan")
     for r in b.model_rows:
         err = r.get("logits_rel_err_vs_training_kernels", r.get("logits_rel_err_vs_eager_step"))
         same = r.get("same_argmax", r.get("same_argmax_as_eager"))
         err_s = "" if err is None else f"{err:.1e} ({same})"
-        b.log(f"{r['preset']:>10} {r['model']:>40} {r.get('ttft_ms', nan):>8.1f} {r.get('tokens_per_s', nan):>8.1f} "
+        b.log(f"{r['preset']:>10} {r['model']:>50} {r.get('ttft_ms', nan):>8.1f} {r.get('tokens_per_s', nan):>8.1f} "
               f"{r.get('gpu_ms_per_token', nan):>10.3f} {r.get('replay_ms_per_token', nan):>9.3f} "
               f"{r.get('launches_per_token', nan):>10.1f} {r.get('capture_s', nan):>9.2f} {err_s:>22}")
     for preset in sorted({r["preset"] for r in b.model_rows}):
@@ -822,6 +835,10 @@ def main() -> int:
         pairs = [(tern, flt, "ternary (prepare_inference) vs float twin"),
                  (f"{tern}, CUDA graph", f"{flt}, CUDA graph",
                   "ternary (prepare_inference) vs float twin, both CUDA graphs"),
+                 (f"{tern}, compiled, CUDA graph", f"{flt}, compiled, CUDA graph",
+                  "ternary (prepare_inference) vs float twin, both compiled CUDA graphs"),
+                 (f"{tern}, compiled, CUDA graph", f"{tern}, CUDA graph",
+                  "ternary (prepare_inference): compiled vs plain CUDA graph"),
                  (f"{tern}, CUDA graph", tern, "ternary (prepare_inference): CUDA graph vs eager"),
                  (f"{flt}, CUDA graph", flt, "float twin: CUDA graph vs eager")]
         for ours_name, other_name, what in pairs:

@@ -26,7 +26,8 @@
 #   bash experiments/study_h200.sh frozen-alone  # issue 14's (b) frozen x3 under rule old, alone: one call
 #   bash experiments/study_h200.sh gemv-frozen  # the i8f sweep (with `early`) at 3 shapes and the small decode profile, then frozen-alone's runs
 #                                               # and (e) at 2^20 codes; `pack` (wait, tarball) on the next call
-#   bash experiments/study_h200.sh gemv-profile  # gemv-frozen's sweep and decode profile with the CUDA GEMV tests, no training
+#   bash experiments/study_h200.sh gemv-profile  # gemv-frozen's sweep and decode profile (compiled steps too) with the
+#                                               # CUDA generation/GEMV tests in what is left of 585 s, no training
 #   bash experiments/study_h200.sh gemv-auto  # CUDA GEMV/generation tests, then the 8192^2 sweep: one call, no training
 #   bash experiments/study_h200.sh finish-gemv  # wait, report, pack, then the M = 1 GEMV sweep at 8192^2 (idle GPU)
 #   bash experiments/study_h200.sh codes-large  # then 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 0-2,
@@ -110,8 +111,8 @@ i8f_sweep_and_decode_profile() {  # on an idle GPU: the M = 1 i8f sweep at the t
                                   # preset's decode rows with the weight products' share of a step
     timeout 200 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 160 --variants i8f 2>&1 \
         | grep -E "^ *(gemv|small M|experts) |^best|FAILED|WRONG|Error|bf16 F.linear" | tail -60
-    timeout 150 python3 experiments/bench_decode.py --out "$OUT/models" --models-only --presets small:64 \
-        --budget-s 120 2>&1 | grep -E "^ *small |^small:|FAILED|Error" | tail -20
+    timeout 320 python3 experiments/bench_decode.py --out "$OUT/models" --models-only --presets small:64 \
+        --skip-training-kernels --budget-s 290 2>&1 | grep -E "^ *small |^small:|FAILED|Error" | tail -24  # the compiled rows compile for ~1 min
 }
 
 device_info() {
@@ -250,7 +251,7 @@ case "${1:-wait}" in
                    # CUDA GEMV and generation tests; one call of ~5 minutes
         device_info
         i8f_sweep_and_decode_profile
-        timeout 240 python3 -m pytest tests/test_ternary_gemv.py tests/test_generate.py -m cuda -q -rf \
+        timeout $((585 - SECONDS)) python3 -m pytest tests/test_generate.py tests/test_ternary_gemv.py -m cuda -q -rf \
             -p no:cacheprovider > "$OUT/pytest_gemv_generate_cuda.log" 2>&1
         tail -3 "$OUT/pytest_gemv_generate_cuda.log"
         exit 0

@@ -1,6 +1,7 @@
 """Generation: sampling filters, the KV-cached decode loop against full forwards, and the CLI."""
 
 import ast
+import gc
 import os
 import pathlib
 import shutil
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import weakref
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from ternary_graph.models.decode_graph import DecodeGraph, StepDecoder, clear_de
 from ternary_graph.models.generate import check_sampling_args, decode_stream, filter_top_k, filter_top_p, sample_next
 from ternary_graph.models.model import build_model
 from ternary_graph.nn.attention import KVCache, apply_rotary
+from ternary_graph.nn.grouped import FloatGroupedLinear
 from ternary_graph.train.loop import load_model_from_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -232,6 +235,56 @@ def test_decode_step_and_decoder_refuse_bad_arguments():
         decoder.step(torch.zeros(3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("weights,backend", [("ternary", "aot_eager"), ("float", "aot_eager"),
+                                            pytest.param("ternary", "inductor", marks=pytest.mark.slow)])
+def test_compiled_decode_step_matches_a_full_forward_without_recompiling(weights, backend):
+    """The step under torch.compile: one compilation at the first step (fixed shapes; the
+    position and the group sizes stay on the device), the full forward's logits at every later
+    position, and no reference to the model once the decoder is gone."""
+    model = build_model(SMALL, weights=weights, seed=3).eval()
+    ids = prompt_ids(2, SMALL.max_seq_len, seed=1)
+    with torch.no_grad():
+        full = model(ids).logits
+    decoder = StepDecoder(model, 2, compile_backend=backend)
+    got = [decoder.prefill(ids[:, :5]), decoder.step(ids[:, 5])]
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        got += [decoder.step(ids[:, t]) for t in range(6, SMALL.max_seq_len)]
+    finally:
+        torch.compiler.set_stance("default")
+    torch.testing.assert_close(torch.stack(got, dim=1), full[:, 4:], rtol=1e-5, atol=1e-5)
+    alive = weakref.ref(model)
+    del model, decoder
+    gc.collect()
+    assert alive() is None
+
+
+def test_compile_backend_is_checked():
+    model = build_model(SMALL, seed=1).eval()
+    with pytest.raises(ValueError, match="compile_backend must be None or a torch.compile backend .*got 'fast'"):
+        StepDecoder(model, 1, compile_backend="fast")
+    with pytest.raises(ValueError, match="compile_backend='cudagraphs' would capture CUDA graphs of its own"):
+        StepDecoder(model, 1, compile_backend="cudagraphs")
+
+
+@pytest.mark.parametrize("splits", [([2, 0, 0, 0], [0, 1, 0, 1], [1, 1, 0, 0]),  # rows <= groups: gathered
+                                    ([11, 0, 0, 0], [0, 1, 9, 1], [0, 10, 0, 1])])  # more: masked products
+def test_float_grouped_linear_compiles_without_reading_the_group_sizes(splits, gen):
+    """The static form equals the host-sliced eager one, empty groups included, and one graph
+    serves every split of the rows among the groups."""
+    layer = FloatGroupedLinear(4, 6, 5)
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=False, fullgraph=True)
+    try:
+        for counts in splits:
+            x = torch.randn(sum(counts), 6, generator=gen)
+            offsets = torch.tensor(counts).cumsum(0)
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(x, offsets), layer(x, offsets), rtol=1e-6, atol=1e-6)
+            torch.compiler.set_stance("fail_on_recompile")
+    finally:
+        torch.compiler.set_stance("default")
+
+
 def test_kv_cache_write_at_checks_the_shape():
     cache = KVCache.empty(1, 2, 4, 8, dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match=r"k and v must have shape \(batch=1, heads=2, 1, head_dim=8\), "
@@ -282,6 +335,29 @@ def test_cuda_graph_decoding_equals_the_eager_step(weights, prepared):
     assert out.shape == (2, 29) and torch.equal(out[:, :9], ids)
     if weights == "float":  # no atomics anywhere: the greedy bytes are exactly the eager loop's
         assert torch.equal(out, model.generate(ids, 20, temperature=0, cuda_graph=False))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("weights", ["ternary", "float"])
+def test_compiled_cuda_graph_decoding_equals_the_eager_step(weights):
+    """Inductor's fused step, recorded in the CUDA graph: the eager step's logits (bf16 tolerance:
+    fused elementwise ops round differently) and its greedy bytes, with no recompilation."""
+    model = cuda_model(weights, seed=12)
+    if weights == "ternary":
+        model.prepare_inference()
+    ids = prompt_ids(2, 9, seed=3).cuda()
+    eager, graph = StepDecoder(model, 2), DecodeGraph(model, 2, compile_backend="inductor")
+    torch.testing.assert_close(graph.prefill(ids), eager.prefill(ids), rtol=0, atol=0)
+    torch.compiler.set_stance("fail_on_recompile")
+    try:
+        for t in range(20):
+            token = torch.tensor([t, (7 * t) % 256], device="cuda")
+            torch.testing.assert_close(graph.step(token), eager.step(token), rtol=3e-2, atol=3e-2)
+        first = model.generate(ids, 20, top_k=8, seed=5, compile_backend="inductor")  # the cached graph
+        again = model.generate(ids, 20, top_k=8, seed=5, compile_backend="inductor")
+    finally:
+        torch.compiler.set_stance("default")
+    assert first.shape == (2, 29) and torch.equal(first[:, :9], ids) and torch.equal(first, again)
 
 
 @pytest.mark.cuda
@@ -346,6 +422,15 @@ def test_cli_streams_the_seeded_continuation_of_the_checkpoint(trained):
     assert res.stdout == expected.decode("utf-8", errors="replace").encode("utf-8")
     err = res.stderr.decode()
     assert "20 bytes in" in err and "tokens/s" in err and "12-byte prompt" in err
+
+
+@pytest.mark.cuda
+def test_cli_generates_on_cuda_with_the_decode_copies_and_a_compiled_step(trained):
+    run = trained[0]
+    res = cli("generate", "--checkpoint", str(run), "--prompt", "import json\n", "--max-new-bytes", "20",
+              "--temperature", "0", "--device", "cuda", "--compile")
+    assert res.returncode == 0, res.stderr.decode()
+    assert len(res.stdout) > 0 and "20 bytes in" in res.stderr.decode()
 
 
 def test_ctrl_c_prints_what_was_generated_and_exits_130(trained):

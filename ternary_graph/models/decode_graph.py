@@ -17,7 +17,13 @@ step, never read from the device), which the error messages and the ordinary for
 
 :class:`StepDecoder` runs that step eagerly (CPU, or ``cuda_graph=False``); :class:`DecodeGraph`
 records the same call once and replays it, so CPU tests of the eager decoder check the maths of
-the captured step. In eval mode the step changes no host state: the VQ codebook tracks usage and
+the captured step. ``compile_backend`` (e.g. ``"inductor"``) runs the step through
+``torch.compile`` first: a graph replay still launches every kernel the step issues (~1,500 for
+the small preset, most of them elementwise ops of a single token), and inductor fuses those into
+a few generated kernels; the decode GEMVs and the training kernels are custom ops it calls as
+they are. Compilation happens in the warm-up steps before a capture (a minute for the small preset),
+once per model: its code cache is keyed by the model, so a process that compiles more than
+``torch._dynamo.config.recompile_limit`` models (8) falls back to the eager step with a warning. In eval mode the step changes no host state: the VQ codebook tracks usage and
 MoEGraph counts load only in training mode (refused here), its input range checks are device-side
 asserts on CUDA, and ``MoEGraph._last_routing`` is a Python attribute overwritten by each call
 (after a capture it holds the graph's tensors, rewritten by every replay).
@@ -32,6 +38,7 @@ graph) and captures anew when not.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 
@@ -45,23 +52,53 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(itertools.chain(model.buffers(), model.parameters())).device
 
 
+def _decode_step(model: nn.Module, ids: torch.Tensor, caches: list, position: torch.Tensor) -> torch.Tensor:
+    # a function of the model, not its bound method: a compiled step held by a cached DecodeGraph
+    # must not keep the model alive
+    return model.decode_step(ids, caches, position)
+
+
+@functools.cache
+def compiled_decode_step(backend: str):
+    """:func:`_decode_step` under ``torch.compile`` with ``backend``, at fixed shapes; one compiled
+    function per backend, so every decoder of a model reuses its code."""
+    return torch.compile(_decode_step, backend=backend, dynamic=False)
+
+
+def step_function(compile_backend: str | None):
+    """The decode step function for ``compile_backend`` (None: eager), which is checked."""
+    if compile_backend is None:
+        return _decode_step
+    if not isinstance(compile_backend, str) or compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+        raise ValueError(f"compile_backend must be None or a torch.compile backend "
+                         f"({', '.join(torch.compiler.list_backends())}), got {compile_backend!r}")
+    if compile_backend == "cudagraphs":  # its own graphs cannot be recorded inside DecodeGraph's
+        raise ValueError("compile_backend='cudagraphs' would capture CUDA graphs of its own; a DecodeGraph "
+                         "(cuda_graph) already replays the step as one: use 'inductor'")
+    return compiled_decode_step(compile_backend)
+
+
 class StepDecoder:
     """Prefill with the ordinary forward, then fixed-shape one-token steps, run eagerly.
 
     Args:
         model: a :class:`~ternary_graph.models.model.TernaryGraphLM` in eval mode.
         batch_size: rows decoded together (every generation with this decoder has this many).
+        compile_backend: None (the eager step), or the ``torch.compile`` backend of the step
+            (``"inductor"`` fuses its elementwise ops; the first step compiles).
 
     Shapes: prefill ids (batch_size, T) -> logits (batch_size, vocab); step token (batch_size,)
     or (batch_size, 1) -> logits (batch_size, vocab). The logits returned by :meth:`step` may be
     a buffer that the next step overwrites (:class:`DecodeGraph`): read them before then.
     """
 
-    def __init__(self, model: nn.Module, batch_size: int) -> None:
+    def __init__(self, model: nn.Module, batch_size: int, compile_backend: str | None = None) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self._check_eval(model)
         self.batch_size = batch_size
+        self.compile_backend = compile_backend
+        self._decode = step_function(compile_backend)
         self.caches = model.new_kv_cache(batch_size)
         device = self.caches[0].k.device
         # The step's only inputs: the byte and where it goes. Allocated once, so that a captured
@@ -126,7 +163,7 @@ class StepDecoder:
 
     def _step(self) -> torch.Tensor:
         """The step itself, the region a CUDA graph records: device work only, no host reads."""
-        logits = self.model.decode_step(self.ids, self.caches, self.position)
+        logits = self._decode(self.model, self.ids, self.caches, self.position)
         self.position.add_(1)
         return logits
 
@@ -144,11 +181,11 @@ class DecodeGraph(StepDecoder):
     copies it read alive, so that a replay never reads freed memory.
     """
 
-    def __init__(self, model: nn.Module, batch_size: int) -> None:
+    def __init__(self, model: nn.Module, batch_size: int, compile_backend: str | None = None) -> None:
         device = _model_device(model)
         if device.type != "cuda":
             raise ValueError(f"a CUDA-graph decode step needs a model on a CUDA device, got {device}")
-        super().__init__(model, batch_size)
+        super().__init__(model, batch_size, compile_backend)
         self._model_ref = weakref.ref(model)
         del self._model  # a strong reference would keep a cached graph's model alive forever
         self._ptrs, self._copies = _weights_signature(model)
@@ -197,23 +234,27 @@ def _weights_signature(model: nn.Module) -> tuple[tuple[int, ...], tuple]:
     return ptrs, copies
 
 
-# One graph per (model, batch size); weak keys, so a deleted model takes its graphs with it.
-_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict[int, DecodeGraph]]" = weakref.WeakKeyDictionary()
+# One graph per (model, batch size, compile backend); weak keys, so a deleted model takes its
+# graphs with it.
+_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, str | None], DecodeGraph]]" = \
+    weakref.WeakKeyDictionary()
 
 
-def decode_graph(model: nn.Module, batch_size: int) -> DecodeGraph:
-    """The model's cached :class:`DecodeGraph` for ``batch_size``, captured anew when the model no
+def decode_graph(model: nn.Module, batch_size: int, compile_backend: str | None = None) -> DecodeGraph:
+    """The model's cached :class:`DecodeGraph` for ``batch_size`` (and ``compile_backend``, see
+    :class:`StepDecoder`), captured anew when the model no
     longer holds the tensors it recorded, marked busy until :meth:`DecodeGraph.release`. While it
     is busy (another generation of the same model and batch size is under way) a private,
     uncached graph is captured instead, so two interleaved generations never share caches."""
     graphs = _GRAPHS.setdefault(model, {})
-    graph = graphs.get(batch_size)
+    key = (batch_size, compile_backend)
+    graph = graphs.get(key)
     if graph is not None and graph.busy:
-        graph = DecodeGraph(model, batch_size)
+        graph = DecodeGraph(model, batch_size, compile_backend)
     elif graph is None or not graph.matches(model):
-        graphs.pop(batch_size, None)
+        graphs.pop(key, None)
         graph = None  # free the stale graph's memory pool before capturing the next one
-        graph = graphs[batch_size] = DecodeGraph(model, batch_size)
+        graph = graphs[key] = DecodeGraph(model, batch_size, compile_backend)
     graph.busy = True
     return graph
 

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from .decode_graph import StepDecoder, _model_device, decode_graph
+from .decode_graph import StepDecoder, _model_device, decode_graph, step_function
 
 SAMPLING_ARG_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p")
 
@@ -109,45 +109,48 @@ def _use_cuda_graph(model, ids: torch.Tensor, cuda_graph: bool | None) -> bool:
 
 def decode_stream(model, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                  cuda_graph: bool | None = None) -> Iterator[torch.Tensor]:
+                  cuda_graph: bool | None = None, compile_backend: str | None = None) -> Iterator[torch.Tensor]:
     """An iterator of the (B,) int64 next tokens, one step at a time: the first after the
     prompt prefill, then one per cached decode step. ``seed`` fixes the draws (None: torch's
     global RNG). ``cuda_graph``: replay the decode step as a CUDA graph (captured at the first
     generation of a model and batch size, kept for later ones); None: whenever the model is on
     CUDA, falling back to the eager step with a warning if the capture fails; True: a failed
-    capture raises. The arguments are checked here, before the first step; the model is in eval
+    capture raises. ``compile_backend``: run the step through ``torch.compile`` with this
+    backend (``"inductor"`` fuses the step's many small ops; it compiles once per model, see
+    ``models/decode_graph.py``). The arguments are checked here, before the first step; the model is in eval
     mode while the stream runs and gets its mode back when the stream ends or is closed."""
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     _check_ids(ids, max_new_tokens, model.cfg.max_seq_len)
     use_graph = _use_cuda_graph(model, ids, cuda_graph)
     generator = None if seed is None else torch.Generator(device=ids.device).manual_seed(seed)
+    step_function(compile_backend)  # checks it before the first step
     return _decode(model, ids, max_new_tokens, temperature, top_k, top_p, generator, use_graph,
-                   strict=cuda_graph is True)
+                   strict=cuda_graph is True, compile_backend=compile_backend)
 
 
-def _open_decoder(model, batch_size: int, use_graph: bool, strict: bool) -> StepDecoder:
+def _open_decoder(model, batch_size: int, use_graph: bool, strict: bool, compile_backend: str | None) -> StepDecoder:
     if not use_graph:
-        return StepDecoder(model, batch_size)
+        return StepDecoder(model, batch_size, compile_backend)
     try:
-        return decode_graph(model, batch_size)
+        return decode_graph(model, batch_size, compile_backend)
     except RuntimeError as exc:  # a capture the CUDA runtime refused: the eager step computes the same
         if strict:
             raise
         warnings.warn(f"CUDA-graph capture of the decode step failed ({type(exc).__name__}: {exc}); decoding "
                       f"eagerly. Pass cuda_graph=False to skip the attempt, True to make it an error.",
                       RuntimeWarning, stacklevel=3)
-        return StepDecoder(model, batch_size)
+        return StepDecoder(model, batch_size, compile_backend)
 
 
 @torch.no_grad()
 def _decode(model, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
             top_p: float | None, generator: torch.Generator | None, use_graph: bool,
-            strict: bool) -> Iterator[torch.Tensor]:
+            strict: bool, compile_backend: str | None) -> Iterator[torch.Tensor]:
     was_training = model.training
     model.eval()
     decoder = None
     try:
-        decoder = _open_decoder(model, ids.shape[0], use_graph, strict)
+        decoder = _open_decoder(model, ids.shape[0], use_graph, strict, compile_backend)
         logits = decoder.prefill(ids)
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)
@@ -161,9 +164,10 @@ def _decode(model, ids: torch.Tensor, max_new_tokens: int, temperature: float, t
 
 
 def generate(model, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
+             top_p: float | None = None, seed: int | None = None, cuda_graph: bool | None = None,
+             compile_backend: str | None = None) -> torch.Tensor:
     """``ids`` followed by ``max_new_tokens`` sampled tokens. Shapes: (B, T) -> (B, T + new).
-    ``cuda_graph``: see :func:`decode_stream`."""
+    ``cuda_graph``, ``compile_backend``: see :func:`decode_stream`."""
     new = list(decode_stream(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             seed=seed, cuda_graph=cuda_graph))
+                             seed=seed, cuda_graph=cuda_graph, compile_backend=compile_backend))
     return torch.cat([ids, torch.stack(new, dim=1).to(ids.dtype)], dim=1)

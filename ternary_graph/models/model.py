@@ -203,12 +203,14 @@ class TernaryGraphLM(nn.Module):
                               dtype=self.compute_dtype, device=device) for _ in self.blocks]
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
+                 top_p: float | None = None, seed: int | None = None, cuda_graph: bool | None = None,
+                 compile_backend: str | None = None) -> torch.Tensor:
         """Continue ``ids`` (B, T) by ``max_new_tokens`` sampled bytes with a KV cache; returns
         (B, T + max_new_tokens). ``cuda_graph``: replay the decode step as a CUDA graph (None:
-        whenever the model is on CUDA). See :func:`ternary_graph.models.generate.generate`."""
+        whenever the model is on CUDA); ``compile_backend``: run the step through ``torch.compile``
+        (``"inductor"``). See :func:`ternary_graph.models.generate.generate`."""
         return _generation.generate(self, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    seed=seed, cuda_graph=cuda_graph)
+                                    seed=seed, cuda_graph=cuda_graph, compile_backend=compile_backend)
 
     def prepare_inference(self) -> "TernaryGraphLM":
         """Eval mode, and a decode copy (2-bit layout, ``kernels/ternary_gemv.py``) in every ternary

@@ -110,6 +110,8 @@ class FloatGroupedLinear(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         if x.is_cuda and grouped_gemm_applies(x, self.out_features, self.in_features):
             return torch._grouped_mm(x, self.weight.to(x.dtype).transpose(1, 2), offs=offsets.to(torch.int32))
+        if torch.compiler.is_compiling():
+            return _grouped_linear_static(x, self.weight.to(x.dtype), offsets)
         ends = offsets.tolist()
         pieces = [F.linear(x[a:b], self.weight[g].to(x.dtype))
                   for g, (a, b) in enumerate(zip([0] + ends[:-1], ends)) if b > a]
@@ -117,6 +119,21 @@ class FloatGroupedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_groups={self.num_groups}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _grouped_linear_static(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The grouped product without reading ``offsets`` on the host (the host-read group slices
+    would make a compiled graph recompile for every new split). Up to one row per group (a
+    decode step) each row is multiplied by its own group's matrix, gathered; more rows cost one
+    masked product per group. Shapes: x (M, K), weight (G, N, K), offsets (G,) -> (M, N)."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    group = torch.searchsorted(offsets.to(torch.int64), rows, right=True)  # (M,); offsets' last is M
+    if x.shape[0] <= weight.shape[0]:
+        return torch.bmm(weight[group], x.unsqueeze(-1)).squeeze(-1)
+    out = x.new_zeros(x.shape[0], weight.shape[1])
+    for g in range(weight.shape[0]):
+        out = out + (group == g).unsqueeze(-1).to(x.dtype) * F.linear(x, weight[g])
+    return out
 
 
 def make_grouped_linear(num_groups: int, in_features: int, out_features: int, weights: str = "ternary", *,

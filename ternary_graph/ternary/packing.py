@@ -108,9 +108,9 @@ def unpack_trits(packed: torch.Tensor, cols: int) -> torch.Tensor:
         packed: (..., ceil(cols / 5)) uint8
         returns: (..., cols) int8 in {-1, 0, 1}
     """
-    # On accelerators the value scan would cost a host sync per call; there a byte > 242 fails
-    # the table lookup below with a device-side index error instead.
-    check_packed(packed, cols, check_values=packed.device.type == "cpu")
+    # On accelerators the value scan would cost a host sync per call, and under torch.compile a
+    # graph break; there a byte > 242 fails the table lookup below with an index error instead.
+    check_packed(packed, cols, check_values=packed.device.type == "cpu" and not torch.compiler.is_compiling())
     table = _decode_table(packed.device)
     trits = table[packed.long()]  # (..., n_bytes, 5)
     # explicit width: a -1 is ambiguous when a leading dim is 0
