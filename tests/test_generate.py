@@ -259,6 +259,20 @@ def test_compiled_decode_step_matches_a_full_forward_without_recompiling(weights
     assert alive() is None
 
 
+@pytest.mark.parametrize("weights", ["ternary", "float"])
+def test_decode_step_traces_as_one_graph(weights):
+    """No graph break anywhere in the step (fullgraph=True raises at the first), so inductor can
+    fuse across layers and a CUDA graph records one compiled region."""
+    model = build_model(SMALL, weights=weights, seed=2).eval()
+    decoder = StepDecoder(model, 1)
+    decoder.prefill(prompt_ids(1, 7))
+    step = torch.compile(model.decode_step, backend="aot_eager", dynamic=False, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(step(decoder.ids, decoder.caches, decoder.position),
+                                   model.decode_step(decoder.ids, decoder.caches, decoder.position),
+                                   rtol=1e-5, atol=1e-5)  # float: the static grouped form sums in another order
+
+
 def test_compile_backend_is_checked():
     model = build_model(SMALL, seed=1).eval()
     with pytest.raises(ValueError, match="compile_backend must be None or a torch.compile backend .*got 'fast'"):
