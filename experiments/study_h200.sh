@@ -112,7 +112,7 @@ i8f_sweep_and_decode_profile() {  # on an idle GPU: the M = 1 i8f sweep at the t
     timeout 200 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 160 --variants i8f 2>&1 \
         | grep -E "^ *(gemv|small M|experts) |^best|FAILED|WRONG|Error|bf16 F.linear" | tail -60
     timeout 320 python3 experiments/bench_decode.py --out "$OUT/models" --models-only --presets small:64 \
-        --skip-training-kernels --budget-s 290 2>&1 | grep -E "^ *small |^small:|FAILED|Error" | tail -24  # the compiled rows compile for ~1 min
+        --skip-training-kernels --budget-s 290 2>&1 | grep -E "^ *small |^small:|FAILED|Error" | tail -24  # room for the compiled rows' compilation
 }
 
 device_info() {

@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (inductor): fewer, fused kernels per byte, "
-                        "after a compilation of about a minute")
+                        "after a compilation at the first byte")
     p.set_defaults(func=_generate)
     p = sub.add_parser("trace", help="count a preset on the meta device (allocates nothing)")
     p.add_argument("--preset", default="default_3b", choices=sorted(PRESETS))

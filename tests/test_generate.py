@@ -273,6 +273,26 @@ def test_decode_step_traces_as_one_graph(weights):
                                    rtol=1e-5, atol=1e-5)  # float: the static grouped form sums in another order
 
 
+def test_models_of_one_configuration_share_the_compiled_step():
+    """The compiled step guards on shapes, not on the model: a second model of the same
+    configuration (other weights) steps without compiling again, and gets its own logits."""
+    ids = prompt_ids(1, 6)
+    logits = []
+    try:
+        for seed in (20, 21):
+            model = build_model(SMALL, seed=seed).eval()
+            decoder = StepDecoder(model, 1, compile_backend="aot_eager")
+            decoder.prefill(ids)
+            logits.append(decoder.step(torch.tensor([9])))
+            torch.compiler.set_stance("fail_on_recompile")  # from the second model's first step on
+    finally:
+        torch.compiler.set_stance("default")
+    with torch.no_grad():
+        torch.testing.assert_close(logits[1], model(torch.cat([ids, torch.tensor([[9]])], 1)).logits[:, -1],
+                                   rtol=1e-5, atol=1e-5)
+    assert not torch.equal(logits[0], logits[1])
+
+
 def test_compile_backend_is_checked():
     model = build_model(SMALL, seed=1).eval()
     with pytest.raises(ValueError, match="compile_backend must be None or a torch.compile backend .*got 'fast'"):

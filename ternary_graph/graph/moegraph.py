@@ -44,9 +44,9 @@ accumulators; ``backend='aot_eager'`` in the tests, inductor checked by hand on 
 graph breaks. MoEGraph's own is the vote backward, which aggregates pairs with
 ``torch.unique`` (data-dependent output shape); the experts run in one grouped call whose
 per-expert offsets stay on the device. The others come from the ternary layers it
-uses: ``TernaryEmbeddingTable.check_ids`` (boolean-mask indexing), ``check_packed``
-(``int(packed.max())``) and ``grad_anchor`` (a ``requires_grad`` tensor created inside the
-graph). The input range check of ``forward`` is skipped while compiling.
+uses: ``TernaryEmbeddingTable.check_ids`` (boolean-mask indexing) and ``grad_anchor`` (a
+``requires_grad`` tensor created inside the graph); ``check_packed`` skips its value scan while
+compiling. The input range check of ``forward`` is skipped while compiling.
 """
 
 from __future__ import annotations

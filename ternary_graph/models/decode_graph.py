@@ -21,9 +21,12 @@ the captured step. ``compile_backend`` (e.g. ``"inductor"``) runs the step throu
 ``torch.compile`` first: a graph replay still launches every kernel the step issues (~1,500 for
 the small preset, most of them elementwise ops of a single token), and inductor fuses those into
 a few generated kernels; the decode GEMVs and the training kernels are custom ops it calls as
-they are. Compilation happens in the warm-up steps before a capture (a minute for the small preset),
-once per model: its code cache is keyed by the model, so a process that compiles more than
-``torch._dynamo.config.recompile_limit`` models (8) falls back to the eager step with a warning. In eval mode the step changes no host state: the VQ codebook tracks usage and
+they are. Compilation happens at the first step (in a graph's warm-up steps, before the
+capture). Its guards are on shapes and dtypes, not on the model, so every model of one
+configuration and batch size reuses the code; each other configuration compiles anew, and past
+``torch._dynamo.config.recompile_limit`` (8) of them torch runs the step eagerly with a warning.
+
+In eval mode the step changes no host state: the VQ codebook tracks usage and
 MoEGraph counts load only in training mode (refused here), its input range checks are device-side
 asserts on CUDA, and ``MoEGraph._last_routing`` is a Python attribute overwritten by each call
 (after a capture it holds the graph's tensors, rewritten by every replay).
@@ -65,17 +68,22 @@ def compiled_decode_step(backend: str):
     return torch.compile(_decode_step, backend=backend, dynamic=False)
 
 
-def step_function(compile_backend: str | None):
-    """The decode step function for ``compile_backend`` (None: eager), which is checked."""
+def check_compile_backend(compile_backend: str | None) -> None:
+    """Raise ValueError unless ``compile_backend`` is None or a backend the step can be compiled with."""
     if compile_backend is None:
-        return _decode_step
+        return
     if not isinstance(compile_backend, str) or compile_backend not in torch.compiler.list_backends(exclude_tags=()):
         raise ValueError(f"compile_backend must be None or a torch.compile backend "
                          f"({', '.join(torch.compiler.list_backends())}), got {compile_backend!r}")
     if compile_backend == "cudagraphs":  # its own graphs cannot be recorded inside DecodeGraph's
         raise ValueError("compile_backend='cudagraphs' would capture CUDA graphs of its own; a DecodeGraph "
                          "(cuda_graph) already replays the step as one: use 'inductor'")
-    return compiled_decode_step(compile_backend)
+
+
+def step_function(compile_backend: str | None):
+    """The decode step function for ``compile_backend`` (None: eager), which is checked."""
+    check_compile_backend(compile_backend)
+    return _decode_step if compile_backend is None else compiled_decode_step(compile_backend)
 
 
 class StepDecoder:
@@ -97,7 +105,6 @@ class StepDecoder:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self._check_eval(model)
         self.batch_size = batch_size
-        self.compile_backend = compile_backend
         self._decode = step_function(compile_backend)
         self.caches = model.new_kv_cache(batch_size)
         device = self.caches[0].k.device
@@ -242,8 +249,8 @@ _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, str | None], Deco
 
 def decode_graph(model: nn.Module, batch_size: int, compile_backend: str | None = None) -> DecodeGraph:
     """The model's cached :class:`DecodeGraph` for ``batch_size`` (and ``compile_backend``, see
-    :class:`StepDecoder`), captured anew when the model no
-    longer holds the tensors it recorded, marked busy until :meth:`DecodeGraph.release`. While it
+    :class:`StepDecoder`), captured anew when the model no longer holds the tensors it recorded,
+    marked busy until :meth:`DecodeGraph.release`. While it
     is busy (another generation of the same model and batch size is under way) a private,
     uncached graph is captured instead, so two interleaved generations never share caches."""
     graphs = _GRAPHS.setdefault(model, {})

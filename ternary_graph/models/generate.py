@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from .decode_graph import StepDecoder, _model_device, decode_graph, step_function
+from .decode_graph import StepDecoder, _model_device, check_compile_backend, decode_graph
 
 SAMPLING_ARG_NAMES = ("max_new_tokens", "temperature", "top_k", "top_p")
 
@@ -116,14 +116,15 @@ def decode_stream(model, ids: torch.Tensor, max_new_tokens: int, *, temperature:
     generation of a model and batch size, kept for later ones); None: whenever the model is on
     CUDA, falling back to the eager step with a warning if the capture fails; True: a failed
     capture raises. ``compile_backend``: run the step through ``torch.compile`` with this
-    backend (``"inductor"`` fuses the step's many small ops; it compiles once per model, see
-    ``models/decode_graph.py``). The arguments are checked here, before the first step; the model is in eval
-    mode while the stream runs and gets its mode back when the stream ends or is closed."""
+    backend (``"inductor"`` fuses the step's many small ops; it compiles at the first step of a
+    model configuration, see ``models/decode_graph.py``). The arguments are checked here, before
+    the first step; the model is in eval mode while the stream runs and gets its mode back when
+    the stream ends or is closed."""
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     _check_ids(ids, max_new_tokens, model.cfg.max_seq_len)
     use_graph = _use_cuda_graph(model, ids, cuda_graph)
     generator = None if seed is None else torch.Generator(device=ids.device).manual_seed(seed)
-    step_function(compile_backend)  # checks it before the first step
+    check_compile_backend(compile_backend)
     return _decode(model, ids, max_new_tokens, temperature, top_k, top_p, generator, use_graph,
                    strict=cuda_graph is True, compile_backend=compile_backend)
 

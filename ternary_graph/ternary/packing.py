@@ -81,7 +81,8 @@ def check_packed(packed: torch.Tensor, cols: int, *, name: str = "packed", check
     """Raise ValueError unless ``packed`` is a valid uint8 packing of ``cols`` trits per row.
 
     ``check_values=False`` checks dtype and shape only: hot paths over module-owned tables skip
-    the full scan (and, on CUDA, the host sync) of the byte values.
+    the full scan (and, on CUDA, the host sync) of the byte values. While torch.compile traces,
+    the scan is skipped too: its host read would break the graph.
     """
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(packed).__name__}")
@@ -95,7 +96,7 @@ def check_packed(packed: torch.Tensor, cols: int, *, name: str = "packed", check
             f"{name} has {packed.shape[-1]} bytes per row, but cols={cols} needs {expected} "
             f"(shape {tuple(packed.shape)})"
         )
-    if check_values and packed.numel() and packed.device.type != "meta":
+    if check_values and packed.numel() and packed.device.type != "meta" and not torch.compiler.is_compiling():
         high = int(packed.max())
         if high > MAX_PACKED_BYTE:
             raise ValueError(f"{name} holds byte value {high}; valid packed bytes are 0..{MAX_PACKED_BYTE}")
@@ -108,9 +109,9 @@ def unpack_trits(packed: torch.Tensor, cols: int) -> torch.Tensor:
         packed: (..., ceil(cols / 5)) uint8
         returns: (..., cols) int8 in {-1, 0, 1}
     """
-    # On accelerators the value scan would cost a host sync per call, and under torch.compile a
-    # graph break; there a byte > 242 fails the table lookup below with an index error instead.
-    check_packed(packed, cols, check_values=packed.device.type == "cpu" and not torch.compiler.is_compiling())
+    # On accelerators the value scan would cost a host sync per call; there (and while compiling)
+    # a byte > 242 fails the table lookup below with an index error instead.
+    check_packed(packed, cols, check_values=packed.device.type == "cpu")
     table = _decode_table(packed.device)
     trits = table[packed.long()]  # (..., n_bytes, 5)
     # explicit width: a -1 is ambiguous when a leading dim is 0
