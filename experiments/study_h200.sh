@@ -26,6 +26,7 @@
 #   bash experiments/study_h200.sh frozen-alone  # issue 14's (b) frozen x3 under rule old, alone: one call
 #   bash experiments/study_h200.sh gemv-frozen  # the i8f sweep (with `early`) at 3 shapes and the small decode profile, then frozen-alone's runs
 #                                               # and (e) at 2^20 codes; `pack` (wait, tarball) on the next call
+#   bash experiments/study_h200.sh frozen-1m  # gemv-frozen's training runs alone (no sweep); `pack` on the next call
 #   bash experiments/study_h200.sh gemv-profile  # gemv-frozen's sweep and decode profile (compiled steps too) with the
 #                                               # CUDA generation/GEMV tests in what is left of 585 s, no training
 #   bash experiments/study_h200.sh gemv-auto  # CUDA GEMV/generation tests, then the 8192^2 sweep: one call, no training
@@ -247,6 +248,16 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
         ;;
+    frozen-1m)  # gemv-frozen's training runs alone on the GPU (its sweep and profile done): (b) frozen x3
+                # under rule old and (e) at 2^20 codes (seed 0); STOP_S (default 560) bounds the wait; then `pack`
+        device_info
+        extract_old "$STUDY/old-src"
+        frozen_old "$STUDY/old-src"
+        launch routing_old_1m routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-1m-codes --seeds 0 --parallel 1
+        sleep 90
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+        WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
+        ;;
     gemv-profile)  # gemv-frozen without the training runs: the i8f sweep, the small decode profile, the
                    # CUDA GEMV and generation tests; one call of ~5 minutes
         device_info
@@ -353,12 +364,12 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|frozen-alone|gemv-frozen|gemv-profile|pack|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|frozen-alone|gemv-frozen|frozen-1m|gemv-profile|pack|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 report
-if [ "${1:-}" = gemv-frozen ] || [ "${1:-}" = pack ]; then  # the runs so far, in case the machine goes back
+if [ "${1:-}" = gemv-frozen ] || [ "${1:-}" = frozen-1m ] || [ "${1:-}" = pack ]; then  # the runs so far, in case the machine goes back
     (cd "$STUDY" && find routing-old -name config.json -o -name metrics.jsonl -o -name train.log \
         | tar czf "$OUT/routing_old_runs.tar.gz" -T -)
 fi
