@@ -148,6 +148,10 @@ def bench_search(args, device, timer, results) -> None:
     results["correctness_full_size"] = check
     log("correctness", json.dumps(check))
 
+    bench_decode_batches(args, device, timer, results, packed, E)
+    if "sweep" in args.skip:
+        return vq
+
     # sweep at the middle batch
     q_sweep = args.sizes[1] if len(args.sizes) > 1 else args.sizes[0]
     zs = torch.randn(q_sweep, dim, generator=gen, device=device)
@@ -210,6 +214,42 @@ def bench_search(args, device, timer, results) -> None:
     del codes_bf16, neg_sq
 
     return vq
+
+
+def bench_decode_batches(args, device, timer, results, packed, E) -> None:
+    """A decode step's search (1 to 16 queries): the default tile for that batch against the
+    training tile (512 queries x 64 codes, 16 warps) and torch's bf16 addmm over a bf16 copy of
+    the scaled codes, timed in the same run; ids checked against the exact reference."""
+    if not args.decode_batches:
+        return
+    from ternary_graph.kernels.vq_search import default_search_tile
+
+    dim, n_codes = args.dim, packed.shape[0]
+    gen = torch.Generator(device=device).manual_seed(3)
+    codes_bf16 = torch.empty(n_codes, dim, dtype=torch.bfloat16, device=device)
+    neg_sq = torch.empty(n_codes, dtype=torch.bfloat16, device=device)
+    for c0 in range(0, n_codes, 1 << 20):
+        c1 = min(n_codes, c0 + (1 << 20))
+        q = unpack_trits(packed[c0:c1], dim).float() * exponent_to_scale(E[c0:c1])[:, None]
+        codes_bf16[c0:c1] = q.to(torch.bfloat16)
+        neg_sq[c0:c1] = (-(q * q).sum(1)).to(torch.bfloat16)
+    rows = []
+    for n_q in args.decode_batches:
+        z = torch.randn(n_q, dim, generator=gen, device=device)
+        zb = z.to(torch.bfloat16)
+        rids, _ = nearest_codes_reference(z, packed, E, dim, precision="bf16x2")
+        bq, bc, nw = default_search_tile(n_q)
+        row = {"queries": n_q, "tile": f"{bq}x{bc}w{nw}"}
+        for name, kw in (("default", {}), ("training_tile", {"block_q": 512, "block_c": 64, "num_warps": 16})):
+            fn = lambda: nearest_codes_triton(z, packed, E, dim, precision="bf16x2", **kw)  # noqa: E731
+            ids, _ = fn()
+            row[f"{name}_id_mismatches"] = int((ids != rids).sum())
+            row[f"{name}_s"] = timer(fn, warmup=10, rep=100)
+        row["torch_s"] = timer(lambda: torch_chunked_search(zb, codes_bf16, neg_sq), warmup=5, rep=50)
+        rows.append(row)
+        log("decode batch", json.dumps(row))
+    results["decode_batches"] = rows
+    del codes_bf16, neg_sq
 
 
 def bench_table(args, device, timer, results) -> None:
@@ -285,6 +325,13 @@ def summary(results) -> str:
                 return f"{r[key] / 2**20:.0f}" if key in r else "-"
             lines.append(f"| {r['queries']:,} | {r['torch_qps']:,.0f} | {cell('bf16')} | {cell('bf16x2')} | "
                          f"{mb('torch_peak_bytes')} / {mb('bf16_peak_bytes')} / {mb('bf16x2_peak_bytes')} |")
+    dec = results.get("decode_batches", [])
+    if dec:
+        lines.append("| decode queries | default tile | default µs | training tile (512x64w16) µs | torch bf16 addmm µs | id mismatches |")
+        lines.append("|---|---|---|---|---|---|")
+        for r in dec:
+            lines.append(f"| {r['queries']} | {r['tile']} | {r['default_s'] * 1e6:.1f} | {r['training_tile_s'] * 1e6:.1f} | "
+                         f"{r['torch_s'] * 1e6:.1f} | {r['default_id_mismatches']} / {r['training_tile_id_mismatches']} |")
     step = results.get("vq_train_step")
     if step:
         lines.append(f"VQ train step ({step['codes']:,} codes, batch {step['batch']}, {step['precision']}): {step['seconds'] * 1e3:.2f} ms")
@@ -303,15 +350,23 @@ def main(argv=None) -> int:
     p.add_argument("--step-batch", type=int, default=8192)
     p.add_argument("--check-queries", type=int, default=256)
     p.add_argument("--max-configs", type=int, default=len(SWEEP))
-    p.add_argument("--skip", nargs="*", default=[], choices=["search", "table"])
+    p.add_argument("--decode-batches", type=int, nargs="*", default=[1, 2, 16],
+                   help="query counts of the decode-step section (none: skip it)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["search", "sweep", "table", "step"],
+                   help="sections to skip: search (all of it), sweep (the tile sweep and the throughput "
+                        "sizes; the decode batches stay), table, step (the codebook training step)")
     p.add_argument("--out", type=pathlib.Path, default=None)
     p.add_argument("--smoke", action="store_true", help="toy sizes on CPU under TRITON_INTERPRET=1")
     args = p.parse_args(argv)
+    bad = [n for n in args.decode_batches if n < 1]
+    if bad:
+        p.error(f"--decode-batches takes query counts >= 1, got {bad[0]}")
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--smoke needs TRITON_INTERPRET=1 in the environment (set before triton is imported)")
         args.codes, args.sizes, args.table_rows = 3000, [16, 32, 48], [500, 5000]
         args.step_batch, args.check_queries, args.max_configs = 64, 16, 2
+        args.decode_batches = [n for n in args.decode_batches if n <= 2]
         SWEEP[:] = [(16, 32, 4, 2, True), (32, 64, 4, 2, False)]
         SWEEP_X2[:] = [(16, 32, 4, 2, True)]
         device = torch.device("cpu")
@@ -331,7 +386,7 @@ def main(argv=None) -> int:
         vq = bench_search(args, device, timer, results) if "search" not in args.skip else None
         if "table" not in args.skip:
             bench_table(args, device, timer, results)
-        if vq is not None:
+        if vq is not None and "step" not in args.skip:
             bench_vq_step(args, device, timer, results, vq)
     finally:
         if args.out is not None:

@@ -27,6 +27,8 @@
 #   bash experiments/study_h200.sh gemv-frozen  # the i8f sweep (with `early`) at 3 shapes and the small decode profile, then frozen-alone's runs
 #                                               # and (e) at 2^20 codes; `pack` (wait, tarball) on the next call
 #   bash experiments/study_h200.sh frozen-1m  # gemv-frozen's training runs alone (no sweep); `pack` on the next call
+#   bash experiments/study_h200.sh decode-vq  # the batch-1 VQ search at 10M codes, default_3b and small decode rows,
+#                                             # CUDA VQ tests: one call, no training
 #   bash experiments/study_h200.sh gemv-profile  # gemv-frozen's sweep and decode profile (compiled steps too) with the
 #                                               # CUDA generation/GEMV tests in what is left of 585 s, no training
 #   bash experiments/study_h200.sh gemv-auto  # CUDA GEMV/generation tests, then the 8192^2 sweep: one call, no training
@@ -258,6 +260,20 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
         ;;
+    decode-vq)  # the decode step's VQ search at 10M codes (small-batch tile against the training tile and
+                # torch, one run), default_3b's and small's decode rows, the CUDA VQ tests: one call, no training
+        device_info
+        timeout 150 python3 experiments/bench_vq.py --skip sweep table step --out "$OUT/vq" 2>&1 | tail -8
+        timeout 200 python3 experiments/bench_decode.py --out "$OUT/default_3b" --models-only --presets default_3b:16 \
+            --skip-training-kernels --budget-s 180 2>&1 | grep -E "^ *default_3b |^default_3b:|FAILED|Error" | tail -16
+        timeout $((560 - SECONDS)) python3 experiments/bench_decode.py --out "$OUT/small" --models-only \
+            --presets small:64 --skip-training-kernels --budget-s $((530 - SECONDS)) 2>&1 \
+            | grep -E "^ *small |^small:|FAILED|Error" | tail -16
+        timeout $((590 - SECONDS)) python3 -m pytest tests/test_kernels_vq.py -m cuda -q -rf -p no:cacheprovider \
+            > "$OUT/pytest_vq_cuda.log" 2>&1
+        tail -3 "$OUT/pytest_vq_cuda.log"
+        exit 0
+        ;;
     gemv-profile)  # gemv-frozen without the training runs: the i8f sweep, the small decode profile, the
                    # CUDA GEMV and generation tests; one call of ~5 minutes
         device_info
@@ -364,7 +380,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|frozen-alone|gemv-frozen|frozen-1m|gemv-profile|pack|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|frozen-alone|gemv-frozen|frozen-1m|decode-vq|gemv-profile|pack|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv

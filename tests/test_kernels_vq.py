@@ -180,6 +180,19 @@ zt = unpack_trits(packed[src], 64).float() * exponent_to_scale(E[src])[:, None]
 for prec in ("bf16", "bf16x2"):
     compare(f"ties-{prec}", torch.cat([zt, torch.randn(12, 64, generator=g)]), packed, E, 64,
             precision=prec, block_q=16, block_c=32, splits=4)
+# the default tiles (None: default_search_tile): a decode step's batch, and one query past it
+packed, E, g = codebook(3000, 64, 7)
+compare("default-tile-single-query", torch.randn(1, 64, generator=g), packed, E, 64)
+compare("default-tile-16-queries", torch.randn(16, 64, generator=g), packed, E, 64)
+compare("default-tile-17-queries", torch.randn(17, 64, generator=g), packed, E, 64)
+# more splits than the refine kernel compares per load (REFINE_BLOCK_S = 256): one tile per
+# split, the winners in the second chunk of splits, a tie across the chunks
+packed, E, g = codebook(300 * 16, 64, 8)
+packed[4500] = packed[5]; E[4500] = E[5]
+src = torch.tensor([5, 4490, 4100])
+zt = unpack_trits(packed[src], 64).float() * exponent_to_scale(E[src])[:, None]
+compare("splits-past-one-refine-load", torch.cat([zt, torch.randn(2, 64, generator=g)]), packed, E, 64,
+        block_c=16, splits=300)
 print(json.dumps(results))
 """
 
@@ -196,7 +209,8 @@ def interpreter_results():
 def test_interpreter_covers_every_case(interpreter_results):
     expected = {f"random-{p}-magic{m}" for p in PRECISIONS for m in (False, True)}
     expected |= {"codes-not-multiple-of-tile", "dim-7", "dim-13-single-query", "empty-batch", "one-code",
-                 "ties-bf16", "ties-bf16x2"}
+                 "ties-bf16", "ties-bf16x2", "default-tile-single-query", "default-tile-16-queries",
+                 "default-tile-17-queries", "splits-past-one-refine-load"}
     assert set(interpreter_results) == expected
 
 
@@ -210,6 +224,21 @@ def test_interpreter_ids_equal_reference(interpreter_results):
 def test_interpreter_ties_go_to_smallest_id(interpreter_results):
     for prec in PRECISIONS:
         assert interpreter_results[f"ties-{prec}"]["ids"][:4] == [5, 5, 9, 9]
+
+
+def test_interpreter_refine_finds_the_winner_past_its_first_load(interpreter_results):
+    # code 5 and its copy 4500 (split 281, second load) tie: the earlier split wins; codes
+    # 4490 and 4100 win only in splits 280 and 256, both past the first 256
+    assert interpreter_results["splits-past-one-refine-load"]["ids"][:3] == [5, 4490, 4100]
+
+
+def test_decode_batches_take_the_small_tile():
+    from ternary_graph.kernels.ternary_gemv import DECODE_MAX_M
+    from ternary_graph.kernels.vq_search import SMALL_BATCH_QUERIES, default_search_tile
+
+    assert SMALL_BATCH_QUERIES == DECODE_MAX_M  # every batch the decode step takes
+    assert default_search_tile(1) == default_search_tile(SMALL_BATCH_QUERIES) == (16, 128, 4)
+    assert default_search_tile(SMALL_BATCH_QUERIES + 1) == (512, 64, 16)
 
 
 def test_interpreter_edge_shapes(interpreter_results):
@@ -229,7 +258,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @cuda
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("magic", [False, True])
-@pytest.mark.parametrize("n_codes,dim,n_q", [(100_003, 64, 1000), (5000, 7, 1), (777, 13, 300), (4096, 64, 65)])
+@pytest.mark.parametrize("n_codes,dim,n_q", [(100_003, 64, 1000), (5000, 7, 1), (777, 13, 300), (4096, 64, 65),
+                                                  (300_007, 64, 2), (300_007, 64, 16)])
 def test_cuda_kernel_matches_reference(precision, magic, n_codes, dim, n_q):
     from ternary_graph.kernels.vq_search import nearest_codes_triton
 

@@ -245,17 +245,22 @@ if triton is not None:
     def _refine_kernel(zh_ptr, zl_ptr, packed_ptr, E_ptr, val_ptr, tile_ptr, ids_ptr, dist_ptr,
                        Q, N, NBYTES, n_splits,
                        BLOCK_C: tl.constexpr, NB: tl.constexpr, TWO_PASS: tl.constexpr,
-                       E_STEP_C: tl.constexpr):
+                       E_STEP_C: tl.constexpr, BLOCK_S: tl.constexpr):
         qi = tl.program_id(0)
-        best = tl.load(val_ptr + qi)
-        best_t = tl.load(tile_ptr + qi)
-        for s_idx in range(1, n_splits):
-            v = tl.load(val_ptr + s_idx * Q + qi)
-            t = tl.load(tile_ptr + s_idx * Q + qi)
-            better = v < best  # strict: an earlier split (smaller ids) keeps a tie
-            best = tl.where(better, v, best)
-            best_t = tl.where(better, t, best_t)
-        best_t = tl.maximum(best_t, 0)
+        # the best split, BLOCK_S splits per load: a small query batch has hundreds of splits,
+        # and one dependent load per split would cost more than the scan (ties: the earlier
+        # split, i.e. the smaller ids)
+        best = float("inf")
+        best_s = 0
+        for s0 in range(0, n_splits, BLOCK_S):
+            sidx = s0 + tl.arange(0, BLOCK_S)
+            v = tl.load(val_ptr + sidx * Q + qi, mask=sidx < n_splits, other=float("inf"))
+            m = tl.min(v, axis=0)
+            first = tl.min(tl.where(v == m, sidx, n_splits), axis=0)
+            better = m < best  # strict: an earlier chunk keeps a tie
+            best = tl.where(better, m, best)
+            best_s = tl.where(better, first, best_s)
+        best_t = tl.maximum(tl.load(tile_ptr + best_s * Q + qi), 0)
         cc = tl.arange(0, BLOCK_C)
         codes = best_t * BLOCK_C + cc
         cmask = codes < N
@@ -331,18 +336,36 @@ def _choose_splits(n_qblocks: int, n_tiles: int, sms: int, waves: int, min_tiles
     return min(range(low, high + 1), key=lambda s: (waste(s), s))
 
 
+REFINE_BLOCK_S = 256  # splits the refine kernel compares per load
+SMALL_BATCH_QUERIES = 16  # up to this many queries (a decode step's) take the small tile
+
+
+def default_search_tile(n_queries: int) -> tuple[int, int, int]:
+    """(block_q, block_c, num_warps) of the search for a batch of ``n_queries``.
+
+    Batches of training size take 512 queries × 64 codes with 16 warps, the fastest tile that
+    ``experiments/bench_vq.py`` swept at 8,192 queries on an H100 (2026-11-27): decoding a code
+    tile is shared by the queries of the block, so large blocks decode less per query. A decode
+    step searches 1 to 16 queries; in a 512-row block all but those rows are padding that the
+    tensor cores multiply anyway (at 10M codes a batch-1 search was 4.2 ms of default_3b's 10 ms
+    decode step, H100, 2026-12-07, ``experiments/decode_kernels.py``), so small batches take the
+    smallest block ``tl.dot`` allows, with more codes per tile to keep the loads wide.
+    """
+    if n_queries <= SMALL_BATCH_QUERIES:
+        return 16, 128, 4
+    return 512, 64, 16
+
+
 def nearest_codes_triton(z2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, dim: int, *,
-                         precision: str = "bf16x2", block_q: int = 512, block_c: int = 64,
-                         num_warps: int = 16, num_stages: int = 2, splits: int | None = None,
+                         precision: str = "bf16x2", block_q: int | None = None, block_c: int | None = None,
+                         num_warps: int | None = None, num_stages: int = 2, splits: int | None = None,
                          waves: int = 4, magic_decode: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the two-phase Triton search (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
 
     ``splits`` (code-range pieces per query block) defaults to at least ``waves`` waves of
     programs over the device's SMs, with a full last wave where possible (``_choose_splits``).
-    The default tile (512 queries × 64 codes, 16 warps, fixed-point "magic" decode) was the
-    fastest of those swept by ``experiments/bench_vq.py`` on an H100 (2026-11-27): decoding a
-    code tile is shared by all the queries of the block, so larger query blocks decode less per
-    query.
+    ``block_q``, ``block_c`` and ``num_warps`` left as None take :func:`default_search_tile`'s
+    (the fixed-point "magic" decode is the default of both tiles).
 
     Shapes: as :func:`nearest_codes_reference`.
     """
@@ -355,6 +378,10 @@ def nearest_codes_triton(z2d: torch.Tensor, packed: torch.Tensor, E: torch.Tenso
     dist = torch.empty(n_q, dtype=torch.float32, device=device)
     if n_q == 0:
         return ids, dist
+    tile = default_search_tile(n_q)
+    block_q = tile[0] if block_q is None else block_q
+    block_c = tile[1] if block_c is None else block_c
+    num_warps = tile[2] if num_warps is None else num_warps
     nb = max(16, triton.next_power_of_2(nbytes))
     hi, lo = _digit_planes(z2d, nb, precision)
     packed = packed.contiguous()
@@ -374,7 +401,7 @@ def nearest_codes_triton(z2d: torch.Tensor, packed: torch.Tensor, E: torch.Tenso
         DOT_DTYPE=tl.float32 if _interpreting() else tl.bfloat16, MAGIC_DECODE=magic_decode, num_warps=num_warps, num_stages=num_stages)
     _refine_kernel[(n_q,)](
         hi, lo, packed, E, vals, tiles, ids, dist, n_q, n_codes, nbytes, splits,
-        BLOCK_C=block_c, NB=nb, TWO_PASS=two_pass, E_STEP_C=E_STEP, num_warps=4)
+        BLOCK_C=block_c, NB=nb, TWO_PASS=two_pass, E_STEP_C=E_STEP, BLOCK_S=REFINE_BLOCK_S, num_warps=4)
     return ids, dist
 
 
