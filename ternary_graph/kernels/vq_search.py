@@ -250,9 +250,11 @@ if triton is not None:
         # the best split, BLOCK_S splits per load: a small query batch has hundreds of splits,
         # and one dependent load per split would cost more than the scan (ties: the earlier
         # split, i.e. the smaller ids)
-        best = float("inf")
-        best_s = 0
-        for s0 in range(0, n_splits, BLOCK_S):
+        sidx = tl.arange(0, BLOCK_S)
+        v = tl.load(val_ptr + sidx * Q + qi, mask=sidx < n_splits, other=float("inf"))
+        best = tl.min(v, axis=0)
+        best_s = tl.min(tl.where(v == best, sidx, n_splits), axis=0)
+        for s0 in range(BLOCK_S, n_splits, BLOCK_S):
             sidx = s0 + tl.arange(0, BLOCK_S)
             v = tl.load(val_ptr + sidx * Q + qi, mask=sidx < n_splits, other=float("inf"))
             m = tl.min(v, axis=0)
