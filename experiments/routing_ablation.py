@@ -8,6 +8,9 @@
         graph-1m-codes, graph-10m-codes  (e) with 2^20 and 10^7 codes (the default model's size):
                           the report's last column is the codes hit in a re-seed window against
                           the most a window can hit, min(codes, tokens in the window)
+        graph-1m-codes-reseed12  2^20 codes re-seeded every 12 calls instead of 100 (8x the
+                          re-seeding budget: at most one call's inputs per check)
+        graph-1m-codes-random-reseed  2^20 codes re-seeded from a random sample of the batch
     (b) frozen            centroids only: the same candidates with every edge frozen neutral
     (c) topk              a plain top-k softmax router over the ternary centroids, Switch balance loss
         topk-float        the same router with a float weight (a model with float parameters: eager)
@@ -49,6 +52,9 @@ ROUTING_VARIANTS: dict[str, list[str]] = {
     "graph-learned-vq": _router("graph", "--model", "vq_projection=learned"),
     "graph-random-reseed": _router("graph", "--model", "vq_reseed_from=random"),
     "graph-1m-codes": _router("graph", "--model", f"codebook_size={1 << 20}"),
+    "graph-1m-codes-reseed12": _router("graph", "--model", f"codebook_size={1 << 20}", "--model", "vq_reseed_window=12"),
+    "graph-1m-codes-random-reseed": _router("graph", "--model", f"codebook_size={1 << 20}",
+                                            "--model", "vq_reseed_from=random"),
     "graph-10m-codes": _router("graph", "--model", f"codebook_size={SHARED_VQ_SIZE}"),
     "frozen": _router("frozen"),
     "topk": _router("topk"),

@@ -209,16 +209,17 @@ def at_step(row: dict, step: int) -> tuple[float, float]:
 
 def _codebook(run: pathlib.Path) -> tuple[int | None, int | None]:
     """(codes of the shared VQ, tokens its re-seed window sees) from a run's config.json: a window
-    is RESEED_WINDOW calls of batch_size x seq_len tokens each (every quantising layer calls once)."""
+    is vq_reseed_window calls of batch_size x seq_len tokens each (every quantising layer calls once)."""
     path = run / "config.json"
     if not path.exists():
         return None, None
-    from ternary_graph.nn.vq import RESEED_WINDOW  # the model's codebooks keep the default window
+    from ternary_graph.config import MODEL_FIELDS_BEFORE_THEY_EXISTED
 
     cfg = json.loads(path.read_text())
-    train = cfg.get("train", {})
-    window = RESEED_WINDOW * train["batch_size"] * train["seq_len"] if "batch_size" in train else None
-    return cfg.get("model", {}).get("codebook_size"), window
+    train, model = cfg.get("train", {}), cfg.get("model", {})
+    calls = model.get("vq_reseed_window", MODEL_FIELDS_BEFORE_THEY_EXISTED["vq_reseed_window"])
+    window = calls * train["batch_size"] * train["seq_len"] if "batch_size" in train else None
+    return model.get("codebook_size"), window
 
 
 def _routing_health(last_eval: dict, records: list[dict], codebook: tuple[int | None, int | None]) -> dict:

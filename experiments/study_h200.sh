@@ -27,6 +27,7 @@
 #   bash experiments/study_h200.sh gemv-frozen  # the i8f sweep (with `early`) at 3 shapes and the small decode profile, then frozen-alone's runs
 #                                               # and (e) at 2^20 codes; `pack` (wait, tarball) on the next call
 #   bash experiments/study_h200.sh frozen-1m  # gemv-frozen's training runs alone (no sweep); `pack` on the next call
+#   bash experiments/study_h200.sh codes-1m-reseed  # 2^20 codes re-seeded 8x as often / from random inputs; then `pack`
 #   bash experiments/study_h200.sh decode-vq  # the batch-1 VQ search at 10M codes, default_3b and small decode rows,
 #                                             # CUDA VQ tests: one call, no training
 #   bash experiments/study_h200.sh gemv-profile  # gemv-frozen's sweep and decode profile (compiled steps too) with the
@@ -260,6 +261,15 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
         ;;
+    codes-1m-reseed)  # issue 14 at 2^20 codes, rule old, seed 0: re-seeded 8x as often, and from random inputs
+                      # (beside graph-1m-codes of 2026-12-07: 6.3% hit); STOP_S (default 560) bounds the wait; then `pack`
+        device_info
+        launch routing_old_1m_reseed routing_ablation.py run "${ROUTING_OLD[@]}" \
+            --variants graph-1m-codes-reseed12,graph-1m-codes-random-reseed --seeds 0 --parallel 2
+        sleep 90
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+        WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
+        ;;
     decode-vq)  # the decode step's VQ search at 10M codes (small-batch tile against the training tile and
                 # torch, one run), default_3b's and small's decode rows, the CUDA VQ tests: one call, no training
         device_info
@@ -380,12 +390,12 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|frozen-alone|gemv-frozen|frozen-1m|decode-vq|gemv-profile|pack|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|frozen-alone|gemv-frozen|frozen-1m|codes-1m-reseed|decode-vq|gemv-profile|pack|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 report
-if [ "${1:-}" = gemv-frozen ] || [ "${1:-}" = frozen-1m ] || [ "${1:-}" = pack ]; then  # the runs so far, in case the machine goes back
+if [ "${1:-}" = gemv-frozen ] || [ "${1:-}" = frozen-1m ] || [ "${1:-}" = codes-1m-reseed ] || [ "${1:-}" = pack ]; then  # the runs so far, in case the machine goes back
     (cd "$STUDY" && find routing-old -name config.json -o -name metrics.jsonl -o -name train.log \
         | tar czf "$OUT/routing_old_runs.tar.gz" -T -)
 fi

@@ -122,6 +122,13 @@ def test_unknown_vq_projection_lists_the_valid_ones():
         ModelConfig(vq_projection="random")
 
 
+@pytest.mark.parametrize("window", [0, 12])
+def test_the_shared_vq_takes_the_configured_reseed_window(window):
+    model = build_model(get_preset("tiny").replace(vq_reseed_window=window), device="meta")
+    assert model.shared_vq.reseed_window == window
+    assert get_preset("tiny").vq_reseed_window == build_model(get_preset("tiny"), device="meta").shared_vq.reseed_window
+
+
 def test_meta_default_3b_has_zero_float_elements():
     model = build_model(get_preset("default_3b"), device="meta")
     assert float_elements(model) == 0

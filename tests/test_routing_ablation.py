@@ -21,8 +21,8 @@ def _main(*argv: str) -> int:
 
 
 def test_unknown_variant_is_refused_listing_the_valid_ones(tmp_path):
-    valid = ("graph, graph-learned-vq, graph-random-reseed, graph-1m-codes, graph-10m-codes, frozen, topk, "
-             "topk-float, hash")
+    valid = ("graph, graph-learned-vq, graph-random-reseed, graph-1m-codes, graph-1m-codes-reseed12, "
+             "graph-1m-codes-random-reseed, graph-10m-codes, frozen, topk, topk-float, hash")
     with pytest.raises(ValueError, match=r"unknown --variants \['switch'\]; valid: " + valid):
         _main("run", "--root", str(tmp_path), "--variants", "graph,switch", "--device", "cpu")
     assert not any(tmp_path.iterdir()), "nothing is launched when one name is wrong"
@@ -61,25 +61,27 @@ def test_one_run_reports_mutual_information_load_and_live_codes(tmp_path, capsys
     assert (tmp_path / "out" / "ablation.md").read_text().startswith("| variant")
 
 
-@pytest.mark.parametrize("codes,batch,seq_len,dead,cells", [
+@pytest.mark.parametrize("codes,window,batch,seq_len,dead,cells", [
     # 64 codes, windows of 100 x 2 x 8 tokens: the bound is the codebook
-    (64, 2, 8, 16, ["50.0%", "75.0%", "75.0%"]),
+    (64, None, 2, 8, 16, ["50.0%", "75.0%", "75.0%"]),
     # a million codes and windows of 100 x 4 x 1000 = 400,000 tokens: the bound is the tokens
-    (1_000_000, 4, 1000, 800_000, ["50.0%", "20.0%", "50.0%"]),
+    (1_000_000, None, 4, 1000, 800_000, ["50.0%", "20.0%", "50.0%"]),
+    # the run's own vq_reseed_window: 10 x 4 x 1000 = 40,000 tokens
+    (1_000_000, 10, 4, 1000, 980_000, ["50.0%", "2.0%", "50.0%"]),
 ])
-def test_codes_hit_in_the_last_window_come_from_dead_codes_and_the_run_config(tmp_path, capsys, codes, batch, seq_len,
-                                                                              dead, cells):
+def test_codes_hit_in_the_last_window_come_from_dead_codes_and_the_run_config(tmp_path, capsys, codes, window, batch,
+                                                                              seq_len, dead, cells):
     run = tmp_path / "ablation" / "graph-s0"
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"model": {"codebook_size": codes},
-                                                 "train": {"batch_size": batch, "seq_len": seq_len}}))
+    model = {"codebook_size": codes} if window is None else {"codebook_size": codes, "vq_reseed_window": window}
+    (run / "config.json").write_text(json.dumps({"model": model, "train": {"batch_size": batch, "seq_len": seq_len}}))
     vq = {"perplexity": 9.0, "live_fraction": 0.5, "dead_codes": dead, "reseeded_total": 20}
     records = [{"step": 100, "tokens_per_s": 10.0, "routing": {"shared_vq": vq}},
                {"step": 100, "val_bits_per_byte": 2.0, "routing": {"shared_vq": vq}}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert _main("report", "--root", str(run.parent), "--steps", "100", "--baseline", "graph") == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| graph")][0]
-    # live (usage > 0), then 1 - dead / codes, then hit / min(codes, RESEED_WINDOW x batch x seq_len)
+    # live (usage > 0), then 1 - dead / codes, then hit / min(codes, vq_reseed_window x batch x seq_len)
     assert row.split(" | ")[9:12] == cells
 
 

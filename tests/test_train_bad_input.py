@@ -438,6 +438,7 @@ def test_a_checkpoint_older_than_the_cool_down_resumes_with_its_own_rule():
     ("routing=topk", "choose the router with --routing"),
     ("vq_projection=random", "ModelConfig.vq_projection must be one of frozen, learned, got 'random'"),
     ("vq_reseed_from=best", "ModelConfig.vq_reseed_from must be one of worst, random, got 'best'"),
+    ("vq_reseed_window=-1", "ModelConfig.vq_reseed_window must be a non-negative int (0 disables re-seeding), got -1"),
 ])
 def test_bad_model_override_is_one_line(capsys, item, message):
     code, _, err = run_main(capsys, "train", "--model", item, "--out", "unused")

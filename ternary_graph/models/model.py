@@ -131,7 +131,7 @@ class TernaryGraphLM(nn.Module):
                                            commitment_weight=cfg.commitment_weight / cfg.codebook_dim,
                                            # 1.0: the norm of a code at its unit-variance init scale
                                            input_norm=1.0 if cfg.vq_input_norm else None,
-                                           reseed_from=cfg.vq_reseed_from,
+                                           reseed_from=cfg.vq_reseed_from, reseed_window=cfg.vq_reseed_window,
                                            device=device, generator=generator)
         self.blocks = nn.ModuleList(Block(cfg, layer, weights, device, generator) for layer in range(cfg.n_layers))
         self.kg_vq = KGVQCodebook(cfg.kg_codebook_size, cfg.kg_codebook_dim, device=device, generator=generator)

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..config import KGVQ_CODEBOOK_DIM, KGVQ_CODEBOOK_SIZE, VQ_RESEED_FROM
+from ..config import KGVQ_CODEBOOK_DIM, KGVQ_CODEBOOK_SIZE, RESEED_WINDOW, VQ_RESEED_FROM
 from ..kernels.embedding import gather_rows_reference
 from ..kernels.vq_search import PRECISIONS, check_search_args, nearest_codes
 from ..ternary.packing import pack_trits
@@ -63,7 +63,6 @@ class VQOutput(NamedTuple):
     commitment_loss: torch.Tensor
 
 
-RESEED_WINDOW = 100  # training calls between re-seed checks, unless a codebook is given another
 
 
 @dataclass(frozen=True)
