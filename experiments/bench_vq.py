@@ -114,6 +114,20 @@ def torch_chunked_search(zb: torch.Tensor, codes_bf16: torch.Tensor, neg_sq_norm
     return ids
 
 
+def bf16_scaled_codes(packed: torch.Tensor, E: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch baseline's operands: the *scaled* codes in bf16 (2 B/trit, never kept by the
+    library) and their negated squared norms, built 2^20 codes at a time."""
+    n_codes = packed.shape[0]
+    codes_bf16 = torch.empty(n_codes, dim, dtype=torch.bfloat16, device=packed.device)
+    neg_sq = torch.empty(n_codes, dtype=torch.bfloat16, device=packed.device)
+    for c0 in range(0, n_codes, 1 << 20):
+        c1 = min(n_codes, c0 + (1 << 20))
+        q = unpack_trits(packed[c0:c1], dim).float() * exponent_to_scale(E[c0:c1])[:, None]
+        codes_bf16[c0:c1] = q.to(torch.bfloat16)
+        neg_sq[c0:c1] = (-(q * q).sum(1)).to(torch.bfloat16)
+    return codes_bf16, neg_sq
+
+
 def bench_search(args, device, timer, results) -> None:
     n_codes, dim = args.codes, args.dim
     gen = torch.Generator(device=device).manual_seed(0)
@@ -182,14 +196,7 @@ def bench_search(args, device, timer, results) -> None:
     results["best_config"] = best_cfg
 
     # throughput at each size: best fused config per precision vs torch chunked bf16 addmm
-    # the baseline's bf16 copy of the *scaled* codes (2 B/trit, never kept by the library)
-    codes_bf16 = torch.empty(n_codes, dim, dtype=torch.bfloat16, device=device)
-    neg_sq = torch.empty(n_codes, dtype=torch.bfloat16, device=device)
-    for c0 in range(0, n_codes, 1 << 20):
-        c1 = min(n_codes, c0 + (1 << 20))
-        q = unpack_trits(packed[c0:c1], dim).float() * exponent_to_scale(E[c0:c1])[:, None]
-        codes_bf16[c0:c1] = q.to(torch.bfloat16)
-        neg_sq[c0:c1] = (-(q * q).sum(1)).to(torch.bfloat16)
+    codes_bf16, neg_sq = bf16_scaled_codes(packed, E, dim)
     rows = []
     for n_q in args.sizes:
         z = torch.randn(n_q, dim, generator=gen, device=device)
@@ -227,15 +234,9 @@ def bench_decode_batches(args, device, timer, results, packed, E) -> None:
         return
     from ternary_graph.kernels.vq_search import default_search_tile
 
-    dim, n_codes = args.dim, packed.shape[0]
+    dim = args.dim
     gen = torch.Generator(device=device).manual_seed(3)
-    codes_bf16 = torch.empty(n_codes, dim, dtype=torch.bfloat16, device=device)
-    neg_sq = torch.empty(n_codes, dtype=torch.bfloat16, device=device)
-    for c0 in range(0, n_codes, 1 << 20):
-        c1 = min(n_codes, c0 + (1 << 20))
-        q = unpack_trits(packed[c0:c1], dim).float() * exponent_to_scale(E[c0:c1])[:, None]
-        codes_bf16[c0:c1] = q.to(torch.bfloat16)
-        neg_sq[c0:c1] = (-(q * q).sum(1)).to(torch.bfloat16)
+    codes_bf16, neg_sq = bf16_scaled_codes(packed, E, dim)
     rows = []
     for n_q in args.decode_batches:
         z = torch.randn(n_q, dim, generator=gen, device=device)
