@@ -583,3 +583,27 @@ def test_bench_decode_counts_each_weight_product_once():
     assert bench_decode.linear_kernel_us(events) == 5.0 + 3.0 + 1.0 + 7.0
     assert bench_decode.free_products_bound(2.5, 0.5) == pytest.approx(1.25)
     assert bench_decode.free_products_bound(1.0, 1.0) == float("inf")
+
+
+def test_decode_kernel_profile_refuses_bad_steps_and_a_machine_without_a_gpu(capsys):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import decode_kernels
+
+    with pytest.raises(SystemExit):
+        decode_kernels.main(["tiny", "ternary", "--steps", "0"])
+    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert decode_kernels.main(["tiny", "ternary"]) == 2
+        assert "needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_decode_kernel_profile_sums_the_kernels_of_a_step():
+    sys.path.insert(0, str(REPO / "experiments"))
+    import decode_kernels
+
+    table = decode_kernels.kernel_table("tiny", "ternary", steps=2, backend=None, prompt_bytes=8)
+    times = [k["ms_per_step"] for k in table["kernels"]]
+    assert table["total_ms_per_step"] == pytest.approx(sum(times)) and min(times) > 0
+    assert times == sorted(times, reverse=True)
+    assert any("gemv" in k["name"] for k in table["kernels"])  # the decode copies' GEMVs ran
