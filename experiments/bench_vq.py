@@ -3,6 +3,8 @@
 Measures, in one run on one GPU:
 
 1. correctness of the fused kernel against the exact chunked reference on a subset of queries;
+1b. a decode step's search (``--decode-batches``, 1, 2 and 16 queries): the default tile for that
+   batch, four other small tiles and the training tile against torch's bf16 addmm, same run;
 2. a small sweep of kernel configurations at 8,192 queries (both query precisions);
 3. exact assignment throughput (queries/s) of the best configuration for 1,024, 8,192 and
    65,536 queries, against torch chunked ``addmm`` + max/argmax over a bf16 copy of the same
@@ -16,6 +18,7 @@ Timings are ``triton.testing.do_bench`` medians (do_bench flushes L2 between run
 everything goes to ``--out`` as JSON.
 
     PYTHONPATH=. python3 experiments/bench_vq.py --out /tmp/vq
+    PYTHONPATH=. python3 experiments/bench_vq.py --skip sweep table step   # correctness + decode batches
 
 ``--smoke`` runs the same code paths at toy sizes on CPU under ``TRITON_INTERPRET=1`` (timings
 meaningless) to check the script itself.
@@ -51,8 +54,8 @@ SWEEP = [
     (128, 64, 4, 2, True),
 ]
 SWEEP_X2 = [(256, 64, 8, 2, True), (512, 64, 16, 2, True)]
-# (block_q, block_c, num_warps) timed beside the default at decode batches; registers at sm_90
-# (Triton 3.9, compiled without a GPU): 102, 128, 168, 104
+# (block_q, block_c, num_warps) timed beside the default at decode batches; their registers at
+# sm_90: `PYTHONPATH=. python3 experiments/gemv_registers.py` (102, 128, 168, 104 with Triton 3.9)
 DECODE_TILES = [(16, 64, 4), (16, 128, 4), (32, 128, 4), (16, 128, 8)]
 
 
@@ -165,7 +168,8 @@ def bench_search(args, device, timer, results) -> None:
     results["correctness_full_size"] = check
     log("correctness", json.dumps(check))
 
-    bench_decode_batches(args, device, timer, results, packed, E)
+    codes_bf16, neg_sq = bf16_scaled_codes(packed, E, dim)  # the torch baseline of both sections below
+    bench_decode_batches(args, device, timer, results, packed, E, codes_bf16, neg_sq)
     if "sweep" in args.skip:
         return vq
 
@@ -196,7 +200,6 @@ def bench_search(args, device, timer, results) -> None:
     results["best_config"] = best_cfg
 
     # throughput at each size: best fused config per precision vs torch chunked bf16 addmm
-    codes_bf16, neg_sq = bf16_scaled_codes(packed, E, dim)
     rows = []
     for n_q in args.sizes:
         z = torch.randn(n_q, dim, generator=gen, device=device)
@@ -226,7 +229,7 @@ def bench_search(args, device, timer, results) -> None:
     return vq
 
 
-def bench_decode_batches(args, device, timer, results, packed, E) -> None:
+def bench_decode_batches(args, device, timer, results, packed, E, codes_bf16, neg_sq) -> None:
     """A decode step's search (1 to 16 queries): the default tile for that batch against the
     training tile (512 queries x 64 codes, 16 warps) and torch's bf16 addmm over a bf16 copy of
     the scaled codes, timed in the same run; ids checked against the exact reference."""
@@ -236,7 +239,6 @@ def bench_decode_batches(args, device, timer, results, packed, E) -> None:
 
     dim = args.dim
     gen = torch.Generator(device=device).manual_seed(3)
-    codes_bf16, neg_sq = bf16_scaled_codes(packed, E, dim)
     rows = []
     for n_q in args.decode_batches:
         z = torch.randn(n_q, dim, generator=gen, device=device)
@@ -256,7 +258,6 @@ def bench_decode_batches(args, device, timer, results, packed, E) -> None:
         rows.append(row)
         log("decode batch", json.dumps(row))
     results["decode_batches"] = rows
-    del codes_bf16, neg_sq
 
 
 def bench_table(args, device, timer, results) -> None:

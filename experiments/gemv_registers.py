@@ -1,4 +1,5 @@
-"""Registers per thread of the decode GEMV kernels, compiled for Hopper on a machine without a GPU.
+"""Registers per thread of the decode GEMV kernels and of the nearest-code search, compiled for Hopper on
+a machine without a GPU.
 
 Resident programs per SM, not arithmetic, bound the decode GEMVs (docs/kernels.md: the default
 ``fma`` tile holds 168 registers on the H200's Triton 3.6, so 3 programs of 4 warps fit an SM).
@@ -21,10 +22,13 @@ import sys
 import tempfile
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ternary_graph.kernels import ternary_gemv as tg
+from ternary_graph.kernels import vq_search as vs
+from ternary_graph.ternary.state import E_STEP
 
 REGISTERS_PER_SM = 65536
 FMA_POINTERS = dict(x_ptr="*bf16", w_ptr="*i32", e_ptr="*i8", off_ptr="*i8", y_ptr="*bf16", ws_ptr="*fp32",
@@ -33,6 +37,11 @@ I8_POINTERS = dict(hi_ptr="*i32", lo_ptr="*i32", sx_ptr="*fp32", xs_ptr="*i32", 
                    y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
 I8F_POINTERS = dict(x_ptr="*bf16", xq_ptr="*i32", w_ptr="*i32", e_ptr="*i8", y_ptr="*bf16", ws_ptr="*fp32",
                     cnt_ptr="*i32")
+VQ_POINTERS = dict(zh_ptr="*bf16", zl_ptr="*bf16", packed_ptr="*u8", E_ptr="*i8", val_ptr="*fp32", tile_ptr="*i32",
+                   ids_ptr="*i64", dist_ptr="*fp32")
+# (block_q, block_c, warps) of the nearest-code search: the training tile, then the decode tiles
+# that experiments/bench_vq.py times at decode batches (DECODE_TILES there)
+VQ_TILES = ((512, 64, 16), (16, 64, 4), (16, 128, 4), (32, 128, 4), (16, 128, 8))
 # (BN, BW, warps): the measured default first, then tiles with fewer elements per thread
 TILES = ((64, 32, 4), (32, 32, 2), (128, 32, 4), (32, 32, 4), (16, 32, 4), (64, 32, 8))
 
@@ -69,6 +78,15 @@ def main() -> int:
             regs = registers(kernel, pointers, consts, warps)
             fit = min(64 // warps, REGISTERS_PER_SM // (regs * 32 * warps))  # 64 warps per SM at most
             print(f"{f'{BN}x{BW}, {warps}':>16} {name:>10} {regs:>10} {fit:>12}")
+    print("nearest-code search (vq_search.py), dim 64 (16 packed bytes), bf16x2 queries")
+    search = dict(NB=16, TWO_PASS=True, E_STEP_C=E_STEP, DOT_DTYPE=tl.bfloat16, MAGIC_DECODE=True)
+    for bq, bc, warps in VQ_TILES:
+        regs = registers(vs._tile_min_kernel, VQ_POINTERS, dict(BLOCK_Q=bq, BLOCK_C=bc, **search), warps)
+        fit = min(64 // warps, REGISTERS_PER_SM // (regs * 32 * warps))
+        print(f"{f'{bq}x{bc}, {warps}':>16} {'tile_min':>10} {regs:>10} {fit:>12}")
+    regs = registers(vs._refine_kernel, VQ_POINTERS, dict(BLOCK_C=128, NB=16, TWO_PASS=True, E_STEP_C=E_STEP,
+                                                          BLOCK_S=vs.REFINE_BLOCK_S), 4)
+    print(f"{'128 codes, 4':>16} {'refine':>10} {regs:>10}")
     return 0
 
 

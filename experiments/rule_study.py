@@ -213,13 +213,14 @@ def _codebook(run: pathlib.Path) -> tuple[int | None, int | None]:
     path = run / "config.json"
     if not path.exists():
         return None, None
-    from ternary_graph.config import MODEL_FIELDS_BEFORE_THEY_EXISTED
+    from ternary_graph.config import saved_model_config
 
     cfg = json.loads(path.read_text())
-    train, model = cfg.get("train", {}), cfg.get("model", {})
-    calls = model.get("vq_reseed_window", MODEL_FIELDS_BEFORE_THEY_EXISTED["vq_reseed_window"])
-    window = calls * train["batch_size"] * train["seq_len"] if "batch_size" in train else None
-    return model.get("codebook_size"), window
+    if "model" not in cfg:
+        return None, None
+    model, train = saved_model_config(cfg["model"]), cfg.get("train", {})
+    window = model.vq_reseed_window * train["batch_size"] * train["seq_len"] if "batch_size" in train else None
+    return model.codebook_size, window
 
 
 def _routing_health(last_eval: dict, records: list[dict], codebook: tuple[int | None, int | None]) -> dict:

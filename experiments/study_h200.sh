@@ -106,6 +106,12 @@ frozen_old() {  # folder holding old-s0..2: issue 14's (b) x3 under rule old, be
     launch routing_old_frozen routing_ablation.py run "${ROUTING_OLD[@]}" --variants frozen --seeds 0,1,2 --parallel 3
 }
 
+frozen_and_1m_codes() {  # issue 14 under rule old: (b) frozen x3 beside the sweep's `old` x3, and (e) at 2^20 codes
+    extract_old "$STUDY/old-src"  # not small-now: report() would tabulate it as a rule study
+    frozen_old "$STUDY/old-src"
+    launch routing_old_1m routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-1m-codes --seeds 0 --parallel 1
+}
+
 launch() {  # name, script, then its run arguments
     local name="$1" script="$2"; shift 2
     setsid nohup python3 "experiments/$script" "$@" >> "$STUDY/launch_$name.log" 2>&1 < /dev/null &
@@ -242,9 +248,7 @@ case "${1:-wait}" in
                   # beside them; STOP_S (default 560) bounds the wait; `pack` after every call
         device_info
         i8f_sweep_and_decode_profile
-        extract_old "$STUDY/old-src"
-        frozen_old "$STUDY/old-src"
-        launch routing_old_1m routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-1m-codes --seeds 0 --parallel 1
+        frozen_and_1m_codes
         timeout 240 python3 -m pytest tests/test_ternary_gemv.py -m cuda -k "i8f" -q -rf -p no:cacheprovider \
             > "$OUT/pytest_gemv_i8f_cuda.log" 2>&1
         tail -3 "$OUT/pytest_gemv_i8f_cuda.log"
@@ -254,9 +258,7 @@ case "${1:-wait}" in
     frozen-1m)  # gemv-frozen's training runs alone on the GPU (its sweep and profile done): (b) frozen x3
                 # under rule old and (e) at 2^20 codes (seed 0); STOP_S (default 560) bounds the wait; then `pack`
         device_info
-        extract_old "$STUDY/old-src"
-        frozen_old "$STUDY/old-src"
-        launch routing_old_1m routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-1m-codes --seeds 0 --parallel 1
+        frozen_and_1m_codes
         sleep 90
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
@@ -395,7 +397,9 @@ case "${1:-wait}" in
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 report
-if [ "${1:-}" = gemv-frozen ] || [ "${1:-}" = frozen-1m ] || [ "${1:-}" = codes-1m-reseed ] || [ "${1:-}" = pack ]; then  # the runs so far, in case the machine goes back
-    (cd "$STUDY" && find routing-old -name config.json -o -name metrics.jsonl -o -name train.log \
-        | tar czf "$OUT/routing_old_runs.tar.gz" -T -)
-fi
+case "${1:-}" in
+    gemv-frozen|frozen-1m|codes-1m-reseed|pack)  # the runs so far, in case the machine goes back
+        (cd "$STUDY" && find routing-old -name config.json -o -name metrics.jsonl -o -name train.log \
+            | tar czf "$OUT/routing_old_runs.tar.gz" -T -)
+        ;;
+esac

@@ -2,6 +2,7 @@
 
 import ast
 import gc
+import json
 import os
 import pathlib
 import shutil
@@ -598,6 +599,24 @@ def test_decode_kernel_profile_refuses_bad_steps_and_a_machine_without_a_gpu(cap
     if not torch.cuda.is_available():
         assert decode_kernels.main(["tiny", "ternary"]) == 2
         assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_decode_kernel_groups_name_the_decode_gemvs_and_not_the_kernels_inductor_fused_around_them(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import decode_kernels
+
+    kernels = [{"name": n, "ms_per_step": ms, "launches_per_step": 1.0} for n, ms in (
+        ("_gemv2_i8f_kernel", 0.5), ("nvjet_sm90_tst_64x8", 0.25), ("triton_poi_fused_decode_gemv_mul_silu", 4.0),
+        ("_tile_min_kernel", 2.0), ("_refine_kernel", 1.0), ("void at::native::sbtopk::gatherTopK<float>", 8.0),
+        ("cudnn_generated_fort_native_sdpa_sm80", 16.0))]
+    assert decode_kernels.group_ms(kernels) == {"weight products": 0.75, "VQ search": 3.0, "top-k / sorts": 8.0,
+                                                 "attention": 16.0, "other": 4.0}
+    table = {"preset": "tiny", "weights": "ternary", "backend": None, "device": "X", "total_ms_per_step": 31.75,
+             "kernels": kernels}
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    assert decode_kernels.main(["--from", str(tmp_path / "t.json"), "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "31.750 ms of kernels per step, 7 launches" in out and "weight products 0.750" in out
 
 
 @pytest.mark.cuda
