@@ -27,9 +27,10 @@
 #   bash experiments/study_h200.sh gemv-frozen  # the i8f sweep (with `early`) at 3 shapes and the small decode profile, then frozen-alone's runs
 #                                               # and (e) at 2^20 codes; `pack` (wait, tarball) on the next call
 #   bash experiments/study_h200.sh frozen-1m  # gemv-frozen's training runs alone (no sweep); `pack` on the next call
-#   bash experiments/study_h200.sh codes-1m-reseed  # 2^20 codes re-seeded 8x as often / from random inputs; then `pack`
-#   bash experiments/study_h200.sh decode-vq  # the batch-1 VQ search at 10M codes, default_3b and small decode rows,
-#                                             # CUDA VQ tests: one call, no training
+#   bash experiments/study_h200.sh codes-reseed  # 2^20 codes re-seeded 8x as often / from random inputs, 65,536
+#                                                # codes from random inputs x3, CUDA VQ tests; then `pack`
+#   bash experiments/study_h200.sh decode-vq  # the batch-1 VQ search at 10M codes and default_3b's decode rows:
+#                                             # one call, no training
 #   bash experiments/study_h200.sh gemv-profile  # gemv-frozen's sweep and decode profile (compiled steps too) with the
 #                                               # CUDA generation/GEMV tests in what is left of 585 s, no training
 #   bash experiments/study_h200.sh gemv-auto  # CUDA GEMV/generation tests, then the 8192^2 sweep: one call, no training
@@ -263,27 +264,29 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
         ;;
-    codes-1m-reseed)  # issue 14 at 2^20 codes, rule old, seed 0: re-seeded 8x as often, and from random inputs
-                      # (beside graph-1m-codes of 2026-12-07: 6.3% hit); STOP_S (default 560) bounds the wait; then `pack`
+    codes-reseed)  # issue 14 under rule old: 2^20 codes re-seeded 8x as often and from random inputs (seed 0), and
+                   # 65,536 codes re-seeded from random inputs x3, beside the runs of 2026-12-07 (frozen x3, graph x3,
+                   # graph-1m-codes); the CUDA VQ tests beside them; STOP_S (default 560) bounds the wait; then `pack`
         device_info
+        mkdir -p "$STUDY/routing-old"
+        tar xzf docs/measurements/routing_ablation_old_small_frozen_1m_h100_2026-12-07_runs.tar.gz -C "$STUDY/routing-old"
         launch routing_old_1m_reseed routing_ablation.py run "${ROUTING_OLD[@]}" \
             --variants graph-1m-codes-reseed12,graph-1m-codes-random-reseed --seeds 0 --parallel 2
-        sleep 90
+        launch routing_old_random_reseed routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-random-reseed \
+            --seeds 0,1,2 --parallel 3
+        timeout 300 python3 -m pytest tests/test_kernels_vq.py -m cuda -q -rf -p no:cacheprovider \
+            > "$OUT/pytest_vq_cuda.log" 2>&1
+        tail -3 "$OUT/pytest_vq_cuda.log"
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
         ;;
     decode-vq)  # the decode step's VQ search at 10M codes (small-batch tile against the training tile and
-                # torch, one run), default_3b's and small's decode rows, the CUDA VQ tests: one call, no training
+                # torch, one run) and default_3b's decode rows on an idle GPU: one call of ~6 minutes, no training
         device_info
         timeout 150 python3 experiments/bench_vq.py --skip sweep table step --out "$OUT/vq" 2>&1 | tail -8
-        timeout 200 python3 experiments/bench_decode.py --out "$OUT/default_3b" --models-only --presets default_3b:16 \
-            --skip-training-kernels --budget-s 180 2>&1 | grep -E "^ *default_3b |^default_3b:|FAILED|Error" | tail -16
-        timeout $((560 - SECONDS)) python3 experiments/bench_decode.py --out "$OUT/small" --models-only \
-            --presets small:64 --skip-training-kernels --budget-s $((530 - SECONDS)) 2>&1 \
-            | grep -E "^ *small |^small:|FAILED|Error" | tail -16
-        timeout $((590 - SECONDS)) python3 -m pytest tests/test_kernels_vq.py -m cuda -q -rf -p no:cacheprovider \
-            > "$OUT/pytest_vq_cuda.log" 2>&1
-        tail -3 "$OUT/pytest_vq_cuda.log"
+        timeout $((${STOP_S:-560} - SECONDS)) python3 experiments/bench_decode.py --out "$OUT/default_3b" --models-only \
+            --presets default_3b:16 --skip-training-kernels --budget-s $((${STOP_S:-560} - 30 - SECONDS)) 2>&1 \
+            | grep -E "^ *default_3b |^default_3b:|FAILED|Error" | tail -16
         exit 0
         ;;
     gemv-profile)  # gemv-frozen without the training runs: the i8f sweep, the small decode profile, the
@@ -392,13 +395,13 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|frozen-alone|gemv-frozen|frozen-1m|codes-1m-reseed|decode-vq|gemv-profile|pack|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|frozen-alone|gemv-frozen|frozen-1m|codes-reseed|decode-vq|gemv-profile|pack|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 report
 case "${1:-}" in
-    gemv-frozen|frozen-1m|codes-1m-reseed|pack)  # the runs so far, in case the machine goes back
+    gemv-frozen|frozen-1m|codes-reseed|pack)  # the runs so far, in case the machine goes back
         (cd "$STUDY" && find routing-old -name config.json -o -name metrics.jsonl -o -name train.log \
             | tar czf "$OUT/routing_old_runs.tar.gz" -T -)
         ;;
