@@ -6,45 +6,30 @@
 #                                             # tiny rule sweep (seed 0) at once; then the sweep's best rule on
 #                                             # small x3 and tiny best/old/float x3
 #   bash experiments/study_h200.sh rule-small # issue 13 on the small preset itself: old and four
-#                                             # higher-θ rules (seed 0) at once; `wait` until they end, then
-#                                             # (and graph-learned-vq seed 0, issue 14's (a))
-#   bash experiments/study_h200.sh rule-small-best   # the best of them x seeds 1, 2
-#   bash experiments/study_h200.sh float-now  # GEMV sweep (3 shapes, idle GPU), then issue 13: float twin x3 at
-#                                             # small with today's code beside `old` x3
+#                                             # higher-θ rules (seed 0) and graph-learned-vq seed 0 (issue 14's
+#                                             # (a)) at once; `wait` until they end
 #   bash experiments/study_h200.sh routing-old  # the ablation again under rule old (6 small runs)
-#   bash experiments/study_h200.sh float-and-edges  # issue 13's float twin x3 with today's code beside `old` x3,
-#                                                   # and issue 14's (e) graph vs (b) frozen x3 each under rule old
 #   bash experiments/study_h200.sh float-frozen  # issue 13's float twin x3 with today's code beside `old` x3, and
 #                                                # issue 14's (b) frozen x3 under rule old beside the same `old` x3
 #                                                # as (e) graph (routing graph is the default: the same runs)
-#   bash experiments/study_h200.sh gemv-float-frozen  # CUDA tests and the M = 1 sweep of the decode GEMVs at three
-#                                                     # shapes on the idle GPU, then float-frozen's six runs
 #   bash experiments/study_h200.sh gemv-i8f   # CUDA tests of i8/i8f and the M = 1 sweep of i8f and i8 (with fma's
 #                                             # default) at three shapes, then small M: one call, no training
 #   bash experiments/study_h200.sh float-frozen-tests  # float-frozen's six runs, the CUDA GEMV/generation tests
-#                                                      # beside them; then finish-gemv with GEMV_S=0
-#   bash experiments/study_h200.sh frozen-alone  # issue 14's (b) frozen x3 under rule old, alone: one call
-#   bash experiments/study_h200.sh gemv-frozen  # the i8f sweep (with `early`) at 3 shapes and the small decode profile, then frozen-alone's runs
-#                                               # and (e) at 2^20 codes; `pack` (wait, tarball) on the next call
-#   bash experiments/study_h200.sh frozen-1m  # gemv-frozen's training runs alone (no sweep); `pack` on the next call
+#                                                      # beside them; then `wait`
+#   bash experiments/study_h200.sh frozen-1m  # issue 14's (b) frozen x3 under rule old and (e) at 2^20 codes (seed 0);
+#                                             # `pack` on the next call
 #   bash experiments/study_h200.sh codes-reseed  # 2^20 codes re-seeded 8x as often / from random inputs, 65,536
 #                                                # codes from random inputs x3, CUDA VQ tests; then `pack`
 #   bash experiments/study_h200.sh decode-vq  # the batch-1 VQ search at 10M codes and default_3b's decode rows:
 #                                             # one call, no training
-#   bash experiments/study_h200.sh gemv-profile  # gemv-frozen's sweep and decode profile (compiled steps too) with the
-#                                               # CUDA generation/GEMV tests in what is left of 585 s, no training
+#   bash experiments/study_h200.sh gemv-profile  # the i8f sweep and the small decode profile (compiled steps too) with
+#                                               # the CUDA generation/GEMV tests in what is left of 585 s, no training
 #   bash experiments/study_h200.sh gemv-auto  # CUDA GEMV/generation tests, then the 8192^2 sweep: one call, no training
-#   bash experiments/study_h200.sh finish-gemv  # wait, report, pack, then the M = 1 GEMV sweep at 8192^2 (idle GPU)
-#   bash experiments/study_h200.sh codes-large  # then 2^20 and 10^7 codes (seed 0), graph-learned-vq seeds 0-2,
-#                                               # frozen seeds 1, 2 (7 small runs, rule old)
-#   bash experiments/study_h200.sh finish     # wait, pack reports + run logs in one tarball, GEMV sweep
 #   bash experiments/study_h200.sh gemv-and-old  # CUDA tests and sweep of the decode GEMVs, then `old` seeds 1, 2
 #                                                # at small (two runs alone on the GPU: ~400 s)
 #   bash experiments/study_h200.sh routing    # issue 14: small ablation, graph/frozen/topk/hash seed 0 and
 #                                             # graph seeds 1, 2 at once (6 small runs of 50M tokens fill
 #                                             # one session's device time); the CUDA router-capture tests
-#   bash experiments/study_h200.sh routing-more  # graph-learned-vq x 3, hash seeds 1, 2, graph-random-reseed
-#                                                # seed 0 (6 runs, ~900 s)
 #   bash experiments/study_h200.sh wait       # wait (up to WAIT_S), then report
 # One call runs at most 10 minutes: call `wait` again within 30 s of the last return, or the
 # machine (and the runs) go back. On 2026-12-01 ~20 runs at once kept the H200 at 100%.
@@ -172,26 +157,7 @@ case "${1:-wait}" in
         launch routing_a routing_ablation.py run "${ROUTING[@]}" --variants graph-learned-vq --seeds 0 --parallel 1
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
-    float-now)  # the decode GEMV sweep on the idle GPU (3 shapes), then issue 13's float twin x3 at small with
-                # today's code beside the sweep's `old` x3 (one report)
-        device_info
-        timeout 300 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 270 \
-            2>&1 | grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG" | tail -80
-        float_now
-        WAIT_S=$((WAIT_S - SECONDS)) wait_all
-        python3 experiments/rule_study.py report --root "$STUDY/small-now" --steps 3052 2>&1 | tail -4
-        ;;
-    float-and-edges)  # the float twin eager runs are launch-bound (136 ms/step alone, ~40 ms of GPU work), so
-                      # three of them share the GPU with six captured ternary runs at little cost
-        device_info
-        float_now
-        launch routing_old_edges routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph,frozen --seeds 0,1,2 \
-            --parallel 6
-        sleep 60
-        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
-        WAIT_S=$((WAIT_S - SECONDS)) wait_all
-        ;;
-    float-frozen)  # the six new runs of float-and-edges: (e) graph under rule old is the rule study's `old`
+    float-frozen)  # the float twin x3 and (b) frozen x3 under rule old: (e) graph under rule old is the rule study's `old`
         device_info
         float_now
         frozen_old "$STUDY/small-now"
@@ -209,21 +175,6 @@ case "${1:-wait}" in
         grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG|bf16 F.linear" "$OUT/bench_decode_stdout.log" | tail -90
         exit 0
         ;;
-    gemv-float-frozen)  # auto is i8f at M = 1: the CUDA GEMV and generation tests, i8f against fma at the
-                        # small preset's attention shapes and at 8192^2, then float-frozen's six runs
-        device_info
-        timeout 150 python3 -m pytest tests/test_ternary_gemv.py tests/test_generate.py -m cuda -q \
-            -p no:cacheprovider > "$OUT/pytest_gemv_cuda.log" 2>&1
-        tail -3 "$OUT/pytest_gemv_cuda.log"
-        timeout 130 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 100 --variants i8f \
-            --shapes 512x1536,512x512,8192x8192 > "$OUT/bench_decode_stdout.log" 2>&1
-        grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG|bf16 F.linear" "$OUT/bench_decode_stdout.log" | tail -40
-        float_now
-        frozen_old "$STUDY/small-now"
-        sleep 30
-        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
-        WAIT_S=$((570 - SECONDS)) wait_all
-        ;;
     float-frozen-tests)  # float-frozen's six runs, with the CUDA GEMV and generation tests beside them
                          # (correctness only: no timing shares the GPU with training)
         device_info
@@ -235,28 +186,7 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((570 - SECONDS)) wait_all
         ;;
-    frozen-alone)  # issue 14's (b) frozen x3 under rule old alone on the GPU; STOP_S (default 560) bounds the wait
-        device_info
-        extract_old "$STUDY/old-src"  # not small-now: report() would tabulate it as a rule study
-        frozen_old "$STUDY/old-src"
-        sleep 90
-        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
-        WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
-        ;;
-    gemv-frozen)  # the M = 1 sweep of i8f (`early` tiles among them) at the three shapes and the small
-                  # preset's decode (with the weight products' share of a step) on the idle GPU; then
-                  # issue 14's (b) frozen x3 under rule old and (e) at 2^20 codes (seed 0), the CUDA i8f tests
-                  # beside them; STOP_S (default 560) bounds the wait; `pack` after every call
-        device_info
-        i8f_sweep_and_decode_profile
-        frozen_and_1m_codes
-        timeout 240 python3 -m pytest tests/test_ternary_gemv.py -m cuda -k "i8f" -q -rf -p no:cacheprovider \
-            > "$OUT/pytest_gemv_i8f_cuda.log" 2>&1
-        tail -3 "$OUT/pytest_gemv_i8f_cuda.log"
-        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
-        WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
-        ;;
-    frozen-1m)  # gemv-frozen's training runs alone on the GPU (its sweep and profile done): (b) frozen x3
+    frozen-1m)  # issue 14 alone on the GPU: (b) frozen x3
                 # under rule old and (e) at 2^20 codes (seed 0); STOP_S (default 560) bounds the wait; then `pack`
         device_info
         frozen_and_1m_codes
@@ -289,7 +219,7 @@ case "${1:-wait}" in
             | grep -E "^ *default_3b |^default_3b:|FAILED|Error" | tail -16
         exit 0
         ;;
-    gemv-profile)  # gemv-frozen without the training runs: the i8f sweep, the small decode profile, the
+    gemv-profile)  # no training: the i8f sweep, the small decode profile, the
                    # CUDA GEMV and generation tests; one call of ~5 minutes
         device_info
         i8f_sweep_and_decode_profile
@@ -312,33 +242,11 @@ case "${1:-wait}" in
         grep -E "^ *(gemv|small M|experts) |^best|FAILED|WRONG|bf16 F.linear" "$OUT/bench_decode_stdout.log" | tail -40
         exit 0
         ;;
-    finish-gemv)  # after float-and-edges: wait for the runs, pack reports and logs, then the GEMV sweep at 8192^2
-        wait_all
-        final="$OUT"; OUT="$STUDY/reports"; mkdir -p "$OUT"; report > "$OUT/report.log" 2>&1; OUT="$final"
-        (cd "$STUDY" && find . -name config.json -o -name metrics.jsonl -o -name train.log -o -name 'launch_*.log' \
-            -o -path './reports/*' | tar czf "$OUT/study_h200.tar.gz" -T -)
-        grep -v "^ *$" "$STUDY/reports/report.log" | tail -30
-        if pgrep -f "(rule_study|routing_ablation).py run" > /dev/null; then echo "runs still going: no GEMV sweep"; exit 0; fi
-        left="${GEMV_S:-150}"
-        [ "$left" -gt 0 ] || exit 0
-        timeout $((left + 30)) python3 experiments/bench_decode.py --out "$OUT" --skip-models --shapes 8192x8192 \
-            --budget-s "$left" 2>&1 | grep -E "^ *(gemv|small M|experts) |^kernel|^best|FAILED|WRONG" | tail -60
-        exit 0
-        ;;
     routing-old)  # the ablation again under rule old: graph/frozen/topk/hash seed 0, graph seeds 1, 2
         device_info
         launch routing_old routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph,frozen,topk,hash --seeds 0 \
             --parallel 4
         launch routing_old_seeds routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph --seeds 1,2 --parallel 2
-        WAIT_S=$((WAIT_S - SECONDS)) wait_all
-        ;;
-    codes-large)  # issue 14 under rule old at 2^20 and 10^7 codes (seed 0), with (a) seeds 0-2 and frozen seeds 1, 2
-        device_info
-        launch routing_large routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-1m-codes,graph-10m-codes \
-            --seeds 0 --parallel 2
-        launch routing_more routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-learned-vq --seeds 0,1,2 \
-            --parallel 3
-        launch routing_frozen routing_ablation.py run "${ROUTING_OLD[@]}" --variants frozen --seeds 1,2 --parallel 2
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
     gemv-and-old)  # the decode GEMVs (CUDA tests of "i8", then the sweep) on an idle GPU; then `old` seeds 1, 2
@@ -358,23 +266,6 @@ case "${1:-wait}" in
             -o -path './reports/*' | tar czf "$OUT/study_old.tar.gz" -T -)
         exit 0
         ;;
-    finish)  # after the runs: wait for them, pack reports and logs into one tarball, then the GEMV sweep on an idle GPU
-        wait_all
-        final="$OUT"; OUT="$STUDY/reports"; mkdir -p "$OUT"; report > "$OUT/report.log" 2>&1; OUT="$final"
-        (cd "$STUDY" && find . -name config.json -o -name metrics.jsonl -o -name train.log -o -name 'launch_*.log' \
-            -o -path './reports/*' | tar czf "$OUT/study_h200.tar.gz" -T -)
-        tail -40 "$STUDY/reports/report.log"
-        timeout 420 python3 experiments/bench_decode.py --out "$OUT" --skip-models --shapes 8192x8192 \
-            --budget-s 360 2>&1 | tail -60
-        exit 0
-        ;;
-    rule-small-best)  # after rule-small's runs have finished
-        best=$(python3 experiments/rule_study.py best --root "$STUDY/small" --steps 3052) || exit 1
-        echo "best small rule: $best" | tee "$OUT/best.txt"
-        launch small_best rule_study.py run "${SMALL[@]}" --variants "$best" --seeds 1,2 --parallel 2
-        sleep 30
-        WAIT_S=$((WAIT_S - SECONDS)) wait_all
-        ;;
     routing)
         device_info
         launch routing routing_ablation.py run "${ROUTING[@]}" --variants graph,frozen,topk,hash --seeds 0 --parallel 4
@@ -384,24 +275,17 @@ case "${1:-wait}" in
         tail -4 "$OUT/pytest_cuda_routers.log"
         WAIT_S=$((WAIT_S - SECONDS)) wait_all
         ;;
-    routing-more)  # the rest of the ablation: (a) beside the runs of `routing`, hash seeds 1, 2, random re-seeding
-        device_info
-        launch routing_more routing_ablation.py run "${ROUTING[@]}" --variants graph-learned-vq,hash --seeds 0,1,2 \
-            --parallel 5
-        launch routing_reseed routing_ablation.py run "${ROUTING[@]}" --variants graph-random-reseed --seeds 0 --parallel 1
-        WAIT_S=$((WAIT_S - SECONDS)) wait_all
-        ;;
     wait)
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|rule-small-best|routing|routing-more|float-now|float-and-edges|finish-gemv|routing-old|float-frozen|gemv-float-frozen|float-frozen-tests|frozen-alone|gemv-frozen|frozen-1m|codes-reseed|decode-vq|gemv-profile|pack|gemv-auto|gemv-i8f|codes-large|gemv-and-old|finish|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|float-frozen|gemv-i8f|float-frozen-tests|frozen-1m|codes-reseed|decode-vq|gemv-profile|pack|gemv-auto|routing-old|gemv-and-old|routing|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 report
 case "${1:-}" in
-    gemv-frozen|frozen-1m|codes-reseed|pack)  # the runs so far, in case the machine goes back
+    frozen-1m|codes-reseed|pack)  # the runs so far, in case the machine goes back
         (cd "$STUDY" && find routing-old -name config.json -o -name metrics.jsonl -o -name train.log \
             | tar czf "$OUT/routing_old_runs.tar.gz" -T -)
         ;;
