@@ -3,7 +3,8 @@
 Runs a checkpoint over validation windows in eval mode (no re-seeding, no usage updates) and
 reports, for each quantising block and for all of them together, the codes its inputs reach
 against the codebook's size and the tokens seen, with the two quantities that decide the
-nearest-code search: the input norm against the code norms, and the effective rank of the inputs.
+nearest-code search: the input norm against the code norms, and the effective rank of the inputs;
+and how many codes are distinct (a duplicate code is never nearest).
 
     PYTHONPATH=. python3 experiments/vq_utilisation.py --checkpoint runs/tiny-ternary [--windows 512]
 """
@@ -16,6 +17,17 @@ import sys
 import torch
 
 from ternary_graph.train.loop import load_model_from_checkpoint, prepare_data
+
+
+def distinct_codes(packed: torch.Tensor, E: torch.Tensor) -> int:
+    """Codes that differ in trits or scale: identical codes tie in the nearest-code search, which
+    gives every input to the smallest id, so each duplicate beyond the first can never be reached.
+
+    Shapes: packed (codes, bytes) uint8, E (codes,) int8."""
+    if packed.dim() != 2 or E.shape != packed.shape[:1]:
+        raise ValueError(f"packed must be (codes, bytes) and E (codes,), got {tuple(packed.shape)} and {tuple(E.shape)}")
+    rows = torch.cat([packed.to(torch.int16), E.to(torch.int16).reshape(-1, 1)], dim=1)
+    return torch.unique(rows, dim=0).shape[0]
 
 
 @torch.no_grad()
@@ -33,7 +45,8 @@ def vq_utilisation(checkpoint: str, windows: int, device: str = "cpu") -> dict:
         model(x.to(cfg.device), y.to(cfg.device))
     hook.remove()
     code_norm = vq.codes.weight.dequantize().norm(dim=1)
-    report: dict = {"codes": vq.num_codes, "input_norm_setting": vq.input_norm,
+    report: dict = {"codes": vq.num_codes, "distinct_codes": distinct_codes(vq.codes.weight.packed, vq.codes.weight.E),
+                    "input_norm_setting": vq.input_norm,
                     "code_norm_p1_p50_p99": [float(v) for v in code_norm.quantile(torch.tensor([0.01, 0.5, 0.99]))]}
     every_id = []
     for i, layer in enumerate(layers):
