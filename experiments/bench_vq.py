@@ -4,7 +4,8 @@ Measures, in one run on one GPU:
 
 1. correctness of the fused kernel against the exact chunked reference on a subset of queries;
 1b. a decode step's search (``--decode-batches``, 1, 2 and 16 queries): the default tile for that
-   batch, four other small tiles and the training tile against torch's bf16 addmm, same run;
+   batch, four other small tiles, five tiles of the one-query phase 1 (``phase1="fma"``) and the
+   training tile against torch's bf16 addmm, same run;
 2. a small sweep of kernel configurations at 8,192 queries (both query precisions);
 3. exact assignment throughput (queries/s) of the best configuration for 1,024, 8,192 and
    65,536 queries, against torch chunked ``addmm`` + max/argmax over a bf16 copy of the same
@@ -57,6 +58,9 @@ SWEEP_X2 = [(256, 64, 8, 2, True), (512, 64, 16, 2, True)]
 # (block_q, block_c, num_warps) timed beside the default at decode batches; their registers at
 # sm_90: `PYTHONPATH=. python3 experiments/gemv_registers.py` (102, 128, 168, 104 with Triton 3.9)
 DECODE_TILES = [(16, 64, 4), (16, 128, 4), (32, 128, 4), (16, 128, 8)]
+# (block_c, num_warps, waves) of the one-query phase 1 (phase1="fma") at decode batches; registers
+# 64, 64, 128, 64 (gemv_registers.py, Triton 3.9): 8, 16, 4, 4 programs per SM, so more waves fit
+DECODE_FMA_TILES = [(128, 4, 4), (128, 4, 8), (64, 2, 16), (256, 4, 4), (256, 8, 4)]
 
 
 def log(*args) -> None:
@@ -249,6 +253,8 @@ def bench_decode_batches(args, device, timer, results, packed, E, codes_bf16, ne
         tiles = [("default", {}), ("training_tile", {"block_q": 512, "block_c": 64, "num_warps": 16})]
         tiles += [(f"tile_{q}x{c}w{w}", {"block_q": q, "block_c": c, "num_warps": w}) for q, c, w in DECODE_TILES
                   if (q, c, w) != (bq, bc, nw)]
+        tiles += [(f"fma_{c}w{w}v{v}", {"phase1": "fma", "block_c": c, "num_warps": w, "waves": v})
+                  for c, w, v in DECODE_FMA_TILES]
         for name, kw in tiles:
             fn = lambda: nearest_codes_triton(z, packed, E, dim, precision="bf16x2", **kw)  # noqa: E731
             ids, _ = fn()
@@ -335,16 +341,18 @@ def summary(results) -> str:
                          f"{mb('torch_peak_bytes')} / {mb('bf16_peak_bytes')} / {mb('bf16x2_peak_bytes')} |")
     dec = results.get("decode_batches", [])
     if dec:
-        lines.append("| decode queries | default tile | default µs | fastest other small tile µs | training tile (512x64w16) µs "
-                     "| torch bf16 addmm µs | id mismatches, all tiles |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("| decode queries | default tile | default µs | fastest other small tile µs | fastest fma phase 1 µs "
+                     "| training tile (512x64w16) µs | torch bf16 addmm µs | id mismatches, all tiles |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+
+        def fastest(r, prefix):
+            timed = {k[len(prefix):-2]: v for k, v in r.items() if k.startswith(prefix) and k.endswith("_s")}
+            best = min(timed, key=timed.get) if timed else None
+            return f"{best} {timed[best] * 1e6:.1f}" if best else "-"
         for r in dec:
-            others = {k[:-2]: v for k, v in r.items() if k.startswith("tile_") and k.endswith("_s")}
-            fastest = min(others, key=others.get) if others else None
-            other = f"{fastest[5:]} {others[fastest] * 1e6:.1f}" if fastest else "-"
             mismatches = sum(v for k, v in r.items() if k.endswith("_id_mismatches"))
-            lines.append(f"| {r['queries']} | {r['tile']} | {r['default_s'] * 1e6:.1f} | {other} | "
-                         f"{r['training_tile_s'] * 1e6:.1f} | {r['torch_s'] * 1e6:.1f} | {mismatches} |")
+            lines.append(f"| {r['queries']} | {r['tile']} | {r['default_s'] * 1e6:.1f} | {fastest(r, 'tile_')} | "
+                         f"{fastest(r, 'fma_')} | {r['training_tile_s'] * 1e6:.1f} | {r['torch_s'] * 1e6:.1f} | {mismatches} |")
     step = results.get("vq_train_step")
     if step:
         lines.append(f"VQ train step ({step['codes']:,} codes, batch {step['batch']}, {step['precision']}): {step['seconds'] * 1e3:.2f} ms")
@@ -381,6 +389,7 @@ def main(argv=None) -> int:
         args.step_batch, args.check_queries, args.max_configs = 64, 16, 2
         args.decode_batches = [n for n in args.decode_batches if n <= 2]
         DECODE_TILES[:] = DECODE_TILES[:1]
+        DECODE_FMA_TILES[:] = DECODE_FMA_TILES[:1]
         SWEEP[:] = [(16, 32, 4, 2, True), (32, 64, 4, 2, False)]
         SWEEP_X2[:] = [(16, 32, 4, 2, True)]
         device = torch.device("cpu")

@@ -42,6 +42,8 @@ VQ_POINTERS = dict(zh_ptr="*bf16", zl_ptr="*bf16", packed_ptr="*u8", E_ptr="*i8"
 # (block_q, block_c, warps) of the nearest-code search: the training tile, then the decode tiles
 # that experiments/bench_vq.py times at decode batches (DECODE_TILES there)
 VQ_TILES = ((512, 64, 16), (16, 64, 4), (16, 128, 4), (32, 128, 4), (16, 128, 8))
+# (block_c, warps) of the one-query phase 1 (phase1="fma"), as DECODE_FMA_TILES in bench_vq.py
+VQ_FMA_TILES = ((128, 4), (64, 2), (256, 4), (256, 8))
 # (BN, BW, warps): the measured default first, then tiles with fewer elements per thread
 TILES = ((64, 32, 4), (32, 32, 2), (128, 32, 4), (32, 32, 4), (16, 32, 4), (64, 32, 8))
 
@@ -84,6 +86,11 @@ def main() -> int:
         regs = registers(vs._tile_min_kernel, VQ_POINTERS, dict(BLOCK_Q=bq, BLOCK_C=bc, **search), warps)
         fit = min(64 // warps, REGISTERS_PER_SM // (regs * 32 * warps))
         print(f"{f'{bq}x{bc}, {warps}':>16} {'tile_min':>10} {regs:>10} {fit:>12}")
+    fma_search = dict(NB=16, TWO_PASS=True, E_STEP_C=E_STEP, MAGIC_DECODE=True)
+    for bc, warps in VQ_FMA_TILES:
+        regs = registers(vs._tile_min_fma_kernel, VQ_POINTERS, dict(BLOCK_C=bc, **fma_search), warps)
+        fit = min(64 // warps, REGISTERS_PER_SM // (regs * 32 * warps))
+        print(f"{f'1x{bc}, {warps}':>16} {'fma':>10} {regs:>10} {fit:>12}")
     regs = registers(vs._refine_kernel, VQ_POINTERS, dict(BLOCK_C=128, NB=16, TWO_PASS=True, E_STEP_C=E_STEP,
                                                           BLOCK_S=vs.REFINE_BLOCK_S), 4)
     print(f"{'128 codes, 4':>16} {'refine':>10} {regs:>10}")

@@ -193,6 +193,30 @@ src = torch.tensor([5, 4490, 4100])
 zt = unpack_trits(packed[src], 64).float() * exponent_to_scale(E[src])[:, None]
 compare("splits-past-one-refine-load", torch.cat([zt, torch.randn(2, 64, generator=g)]), packed, E, 64,
         block_c=16, splits=300)
+# phase 1 by FMAs (one query per program row): the same cases that decide the dot kernel's
+for prec in ("bf16", "bf16x2"):
+    for magic in (False, True):
+        packed, E, g = codebook(300, 64, 1)
+        compare(f"fma-random-{prec}-magic{magic}", torch.randn(5, 64, generator=g) * 2, packed, E, 64,
+                precision=prec, block_c=32, splits=3, magic_decode=magic, phase1="fma")
+packed, E, g = codebook(77, 64, 2)
+compare("fma-codes-not-multiple-of-tile", torch.randn(3, 64, generator=g), packed, E, 64, block_c=32, splits=2,
+        phase1="fma")
+packed, E, g = codebook(150, 7, 3)
+compare("fma-dim-7", torch.randn(2, 7, generator=g), packed, E, 7, block_c=32, phase1="fma")
+compare("fma-empty-batch", torch.zeros(0, 7), packed, E, 7, phase1="fma")
+packed, E, g = codebook(200, 64, 6)
+src, dst = torch.tensor([5, 5, 9, 9]), torch.tensor([60, 199, 33, 150])
+packed[dst] = packed[src]; E[dst] = E[src]
+zt = unpack_trits(packed[src], 64).float() * exponent_to_scale(E[src])[:, None]
+compare("fma-ties", zt, packed, E, 64, block_c=32, splits=4, phase1="fma")
+packed, E, g = codebook(3000, 64, 7)
+compare("fma-default-tile", torch.randn(1, 64, generator=g), packed, E, 64, phase1="fma")
+packed, E, g = codebook(300 * 16, 64, 8)
+packed[4500] = packed[5]; E[4500] = E[5]
+src = torch.tensor([5, 4490, 4100])
+zt = unpack_trits(packed[src], 64).float() * exponent_to_scale(E[src])[:, None]
+compare("fma-splits-past-one-refine-load", zt, packed, E, 64, block_c=16, splits=300, phase1="fma")
 print(json.dumps(results))
 """
 
@@ -211,6 +235,9 @@ def test_interpreter_covers_every_case(interpreter_results):
     expected |= {"codes-not-multiple-of-tile", "dim-7", "dim-13-single-query", "empty-batch", "one-code",
                  "ties-bf16", "ties-bf16x2", "default-tile-single-query", "default-tile-16-queries",
                  "default-tile-17-queries", "splits-past-one-refine-load"}
+    expected |= {f"fma-random-{p}-magic{m}" for p in PRECISIONS for m in (False, True)}
+    expected |= {"fma-codes-not-multiple-of-tile", "fma-dim-7", "fma-empty-batch", "fma-ties", "fma-default-tile",
+                 "fma-splits-past-one-refine-load"}
     assert set(interpreter_results) == expected
 
 
@@ -224,12 +251,14 @@ def test_interpreter_ids_equal_reference(interpreter_results):
 def test_interpreter_ties_go_to_smallest_id(interpreter_results):
     for prec in PRECISIONS:
         assert interpreter_results[f"ties-{prec}"]["ids"][:4] == [5, 5, 9, 9]
+    assert interpreter_results["fma-ties"]["ids"] == [5, 5, 9, 9]
 
 
 def test_interpreter_refine_finds_the_winner_past_its_first_load(interpreter_results):
     # code 5 and its copy 4500 (split 281, second load) tie: the earlier split wins; codes
     # 4490 and 4100 win only in splits 280 and 256, both past the first 256
     assert interpreter_results["splits-past-one-refine-load"]["ids"][:3] == [5, 4490, 4100]
+    assert interpreter_results["fma-splits-past-one-refine-load"]["ids"] == [5, 4490, 4100]
 
 
 def test_decode_batches_take_the_small_tile():
@@ -241,8 +270,20 @@ def test_decode_batches_take_the_small_tile():
     assert default_search_tile(SMALL_BATCH_QUERIES + 1) == (512, 64, 16)
 
 
+def test_phase1_kernel_arguments_are_checked():
+    from ternary_graph.kernels.vq_search import nearest_codes_triton
+
+    packed, E, g = _codebook(10, 64, seed=0)
+    z = torch.randn(1, 64, generator=g)
+    with pytest.raises(ValueError, match=r"phase1 must be one of \('dot', 'fma'\), got 'mma'"):
+        nearest_codes_triton(z, packed, E, 64, phase1="mma")
+    with pytest.raises(ValueError, match=r"block_q applies to phase1='dot' only .*got 16"):
+        nearest_codes_triton(z, packed, E, 64, phase1="fma", block_q=16)
+
+
 def test_interpreter_edge_shapes(interpreter_results):
     assert interpreter_results["empty-batch"]["n"] == 0
+    assert interpreter_results["fma-empty-batch"]["n"] == 0
     assert interpreter_results["dim-13-single-query"]["n"] == 1
     assert interpreter_results["one-code"]["ids"] == [0, 0, 0]
 
@@ -252,21 +293,24 @@ def test_interpreter_edge_shapes(interpreter_results):
 # --------------------------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+_CUDA_SHAPES = [(100_003, 64, 1000), (5000, 7, 1), (777, 13, 300), (4096, 64, 65), (300_007, 64, 2), (300_007, 64, 16)]
 
 
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("magic", [False, True])
-@pytest.mark.parametrize("n_codes,dim,n_q", [(100_003, 64, 1000), (5000, 7, 1), (777, 13, 300), (4096, 64, 65),
-                                                  (300_007, 64, 2), (300_007, 64, 16)])
-def test_cuda_kernel_matches_reference(precision, magic, n_codes, dim, n_q):
+@pytest.mark.parametrize("n_codes,dim,n_q,phase1", [
+    *[(n, d, q, "dot") for n, d, q in _CUDA_SHAPES],
+    *[(n, d, q, "fma") for n, d, q in _CUDA_SHAPES if q <= 16],  # the fma phase 1 serves decode batches
+])
+def test_cuda_kernel_matches_reference(precision, magic, n_codes, dim, n_q, phase1):
     from ternary_graph.kernels.vq_search import nearest_codes_triton
 
     packed, E, g = _codebook(n_codes, dim, seed=n_codes + dim)
     z = torch.randn(n_q, dim, generator=g) * 2
     packed, E, z = packed.cuda(), E.cuda(), z.cuda()
-    ids, dist = nearest_codes_triton(z, packed, E, dim, precision=precision, magic_decode=magic)
+    ids, dist = nearest_codes_triton(z, packed, E, dim, precision=precision, magic_decode=magic, phase1=phase1)
     rids, rdist = nearest_codes_reference(z, packed, E, dim, precision=precision)
     mismatch = (ids != rids).nonzero().squeeze(1)
     if mismatch.numel():  # only a near-tie within fp32 rounding may differ

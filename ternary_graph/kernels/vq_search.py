@@ -32,6 +32,9 @@ Layers, as in every kernel file:
   program per query, picks the best split (ties: the earlier split, i.e. smaller ids) and
   rescans only the winning tile in fp32 to find the code and its distance. Neither phase
   materialises a queries×codes score matrix: phase 1 writes ``splits × queries`` values.
+  ``_tile_min_fma_kernel`` is phase 1 for decode batches (``phase1="fma"``): one query per
+  program row, the trits times the fp32 query in FMAs instead of ``tl.dot``, so no query is
+  padded to 16 rows and a program needs half the registers of the 16-query tile.
 * the ``torch.library`` custom op ``ternary_graph::nearest_codes`` (with a fake impl so that
   ``torch.compile`` traces through it): CUDA tensors go to Triton, the rest to the reference.
 
@@ -57,6 +60,7 @@ except ImportError:  # pragma: no cover - exercised only where Triton is missing
     tl = None
 
 PRECISIONS = ("bf16", "bf16x2")
+PHASE1_KERNELS = ("dot", "fma")  # nearest_codes_triton's tile-minimum kernels
 ZERO_TRITS_BYTE = 121  # sum(1 * 3**i): five zero trits, the value masked loads decode to
 
 
@@ -242,6 +246,84 @@ if triton is not None:
         tl.store(tile_ptr + out, best_t, mask=rows < Q)
 
     @triton.jit
+    def _tile_min_fma_kernel(zh_ptr, zl_ptr, packed_ptr, E_ptr, val_ptr, tile_ptr,
+                             Q, N, NBYTES, n_tiles, tiles_per_split,
+                             BLOCK_C: tl.constexpr, NB: tl.constexpr, TWO_PASS: tl.constexpr,
+                             E_STEP_C: tl.constexpr, MAGIC_DECODE: tl.constexpr):
+        """Phase 1 for a few queries: one query per program row, the same outputs as
+        ``_tile_min_kernel``. The trits of a (BLOCK_C, NB) tile meet the query in fp32 FMAs
+        instead of ``tl.dot``: no query padding to 16 rows, no operand layout conversions, and
+        far fewer registers, so more programs share an SM."""
+        qi = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        kb = tl.arange(0, NB)
+        # the rounded query per digit plane, in fp32: hi + lo is exact (disjoint bits), and a
+        # trit times it is exact, so the sums are those of every other path up to their order
+        zrow = qi.to(tl.int64) * (5 * NB) + kb
+        z0 = tl.load(zh_ptr + zrow).to(tl.float32)
+        z1 = tl.load(zh_ptr + zrow + NB).to(tl.float32)
+        z2 = tl.load(zh_ptr + zrow + 2 * NB).to(tl.float32)
+        z3 = tl.load(zh_ptr + zrow + 3 * NB).to(tl.float32)
+        z4 = tl.load(zh_ptr + zrow + 4 * NB).to(tl.float32)
+        if TWO_PASS:
+            z0 += tl.load(zl_ptr + zrow).to(tl.float32)
+            z1 += tl.load(zl_ptr + zrow + NB).to(tl.float32)
+            z2 += tl.load(zl_ptr + zrow + 2 * NB).to(tl.float32)
+            z3 += tl.load(zl_ptr + zrow + 3 * NB).to(tl.float32)
+            z4 += tl.load(zl_ptr + zrow + 4 * NB).to(tl.float32)
+        cc = tl.arange(0, BLOCK_C)
+        bmask = kb[None, :] < NBYTES
+        best = tl.full([], float("inf"), tl.float32)
+        best_t = tl.full([], -1, tl.int32)
+        t_start = pid_s * tiles_per_split
+        t_stop = tl.minimum(t_start + tiles_per_split, n_tiles)
+        code_stop = tl.minimum(t_stop * BLOCK_C, N)
+        # (BLOCK_C, NB) bytes, each code's bytes contiguous; the next tile is loaded one
+        # iteration ahead, as in _tile_min_kernel
+        codes_next = t_start * BLOCK_C + cc
+        cmask_next = codes_next < code_stop
+        p_next = tl.load(packed_ptr + codes_next[:, None].to(tl.int64) * NBYTES + kb[None, :],
+                         mask=cmask_next[:, None] & bmask, other=121)
+        e_next = tl.load(E_ptr + codes_next, mask=cmask_next, other=0)
+        for t in range(t_start, t_stop):
+            codes = codes_next
+            cmask = codes < N
+            p = p_next
+            e = e_next.to(tl.float32)
+            codes_next = codes + BLOCK_C
+            cmask_next = codes_next < code_stop
+            p_next = tl.load(packed_ptr + codes_next[:, None].to(tl.int64) * NBYTES + kb[None, :],
+                             mask=cmask_next[:, None] & bmask, other=121)
+            e_next = tl.load(E_ptr + codes_next, mask=cmask_next, other=0)
+            if MAGIC_DECODE:
+                r = p.to(tl.float32)
+            else:
+                r = p.to(tl.int32)
+            r, t0 = _next_digit(r, MAGIC_DECODE)
+            dot = t0 * z0[None, :]
+            nz = t0 * t0
+            r, t1 = _next_digit(r, MAGIC_DECODE)
+            dot += t1 * z1[None, :]
+            nz += t1 * t1
+            r, t2 = _next_digit(r, MAGIC_DECODE)
+            dot += t2 * z2[None, :]
+            nz += t2 * t2
+            r, t3 = _next_digit(r, MAGIC_DECODE)
+            dot += t3 * z3[None, :]
+            nz += t3 * t3
+            t4 = (r - 1).to(tl.float32)
+            dot += t4 * z4[None, :]
+            nz += t4 * t4
+            s = tl.exp2(e / E_STEP_C)
+            score = tl.where(cmask, s * s * tl.sum(nz, axis=1) - 2.0 * s * tl.sum(dot, axis=1), float("inf"))
+            m = tl.min(score, axis=0)
+            better = m < best  # strict: an earlier tile keeps a tie
+            best = tl.where(better, m, best)
+            best_t = tl.where(better, t, best_t)
+        tl.store(val_ptr + pid_s * Q + qi, best)
+        tl.store(tile_ptr + pid_s * Q + qi, best_t)
+
+    @triton.jit
     def _refine_kernel(zh_ptr, zl_ptr, packed_ptr, E_ptr, val_ptr, tile_ptr, ids_ptr, dist_ptr,
                        Q, N, NBYTES, n_splits,
                        BLOCK_C: tl.constexpr, NB: tl.constexpr, TWO_PASS: tl.constexpr,
@@ -361,8 +443,14 @@ def default_search_tile(n_queries: int) -> tuple[int, int, int]:
 def nearest_codes_triton(z2d: torch.Tensor, packed: torch.Tensor, E: torch.Tensor, dim: int, *,
                          precision: str = "bf16x2", block_q: int | None = None, block_c: int | None = None,
                          num_warps: int | None = None, num_stages: int = 2, splits: int | None = None,
-                         waves: int = 4, magic_decode: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         waves: int = 4, magic_decode: bool = True, phase1: str = "dot",
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the two-phase Triton search (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``).
+
+    ``phase1`` picks the tile-minimum kernel: ``"dot"`` (``_tile_min_kernel``, tensor cores over
+    ``block_q`` queries at a time) or ``"fma"`` (``_tile_min_fma_kernel``, one query per
+    program row, for decode batches; ``block_q`` must stay None, ``block_c`` defaults to 128
+    and ``num_warps`` to 4). Both feed the same refine kernel.
 
     ``splits`` (code-range pieces per query block) defaults to at least ``waves`` waves of
     programs over the device's SMs, with a full last wave where possible (``_choose_splits``).
@@ -374,13 +462,17 @@ def nearest_codes_triton(z2d: torch.Tensor, packed: torch.Tensor, E: torch.Tenso
     if triton is None:
         raise RuntimeError("nearest_codes_triton needs Triton, which is not importable here")
     _check_precision(precision)
+    if phase1 not in PHASE1_KERNELS:
+        raise ValueError(f"phase1 must be one of {PHASE1_KERNELS}, got {phase1!r}")
+    if phase1 == "fma" and block_q is not None:
+        raise ValueError(f"block_q applies to phase1='dot' only (the fma kernel takes one query per row), got {block_q!r}")
     n_q, n_codes, nbytes = z2d.shape[0], packed.shape[0], packed.shape[1]
     device = z2d.device
     ids = torch.empty(n_q, dtype=torch.int64, device=device)
     dist = torch.empty(n_q, dtype=torch.float32, device=device)
     if n_q == 0:
         return ids, dist
-    tile = default_search_tile(n_q)
+    tile = (1, 128, 4) if phase1 == "fma" else default_search_tile(n_q)
     block_q = tile[0] if block_q is None else block_q
     block_c = tile[1] if block_c is None else block_c
     num_warps = tile[2] if num_warps is None else num_warps
@@ -397,10 +489,17 @@ def nearest_codes_triton(z2d: torch.Tensor, packed: torch.Tensor, E: torch.Tenso
     vals = torch.empty(splits, n_q, dtype=torch.float32, device=device)
     tiles = torch.empty(splits, n_q, dtype=torch.int32, device=device)
     two_pass = precision == "bf16x2"
-    _tile_min_kernel[(n_qblocks, splits)](
-        hi, lo, packed, E, vals, tiles, n_q, n_codes, nbytes, n_tiles, tiles_per_split,
-        BLOCK_Q=block_q, BLOCK_C=block_c, NB=nb, TWO_PASS=two_pass, E_STEP_C=E_STEP,
-        DOT_DTYPE=tl.float32 if _interpreting() else tl.bfloat16, MAGIC_DECODE=magic_decode, num_warps=num_warps, num_stages=num_stages)
+    if phase1 == "fma":
+        _tile_min_fma_kernel[(n_q, splits)](
+            hi, lo, packed, E, vals, tiles, n_q, n_codes, nbytes, n_tiles, tiles_per_split,
+            BLOCK_C=block_c, NB=nb, TWO_PASS=two_pass, E_STEP_C=E_STEP, MAGIC_DECODE=magic_decode,
+            num_warps=num_warps, num_stages=num_stages)
+    else:
+        _tile_min_kernel[(n_qblocks, splits)](
+            hi, lo, packed, E, vals, tiles, n_q, n_codes, nbytes, n_tiles, tiles_per_split,
+            BLOCK_Q=block_q, BLOCK_C=block_c, NB=nb, TWO_PASS=two_pass, E_STEP_C=E_STEP,
+            DOT_DTYPE=tl.float32 if _interpreting() else tl.bfloat16, MAGIC_DECODE=magic_decode,
+            num_warps=num_warps, num_stages=num_stages)
     _refine_kernel[(n_q,)](
         hi, lo, packed, E, vals, tiles, ids, dist, n_q, n_codes, nbytes, splits,
         BLOCK_C=block_c, NB=nb, TWO_PASS=two_pass, E_STEP_C=E_STEP, BLOCK_S=REFINE_BLOCK_S, num_warps=4)
