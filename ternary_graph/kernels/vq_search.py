@@ -162,6 +162,50 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _query_planes(zh_ptr, zl_ptr, qi, NB: tl.constexpr, TWO_PASS: tl.constexpr):
+        """Query ``qi``'s five digit planes in fp32, (NB,) each: ``hi + lo`` is exact (disjoint
+        bits), and a trit times it is exact, so every path sums the same products."""
+        zrow = qi.to(tl.int64) * (5 * NB) + tl.arange(0, NB)
+        z0 = tl.load(zh_ptr + zrow).to(tl.float32)
+        z1 = tl.load(zh_ptr + zrow + NB).to(tl.float32)
+        z2 = tl.load(zh_ptr + zrow + 2 * NB).to(tl.float32)
+        z3 = tl.load(zh_ptr + zrow + 3 * NB).to(tl.float32)
+        z4 = tl.load(zh_ptr + zrow + 4 * NB).to(tl.float32)
+        if TWO_PASS:
+            z0 += tl.load(zl_ptr + zrow).to(tl.float32)
+            z1 += tl.load(zl_ptr + zrow + NB).to(tl.float32)
+            z2 += tl.load(zl_ptr + zrow + 2 * NB).to(tl.float32)
+            z3 += tl.load(zl_ptr + zrow + 3 * NB).to(tl.float32)
+            z4 += tl.load(zl_ptr + zrow + 4 * NB).to(tl.float32)
+        return z0, z1, z2, z3, z4
+
+    @triton.jit
+    def _fma_dots(p, z0, z1, z2, z3, z4, MAGIC_DECODE: tl.constexpr):
+        """(codes, NB) packed bytes against one query's planes: per code ``z·T`` and ``nnz(T)``,
+        fp32 (codes,), by FMAs."""
+        if MAGIC_DECODE:
+            r = p.to(tl.float32)
+        else:
+            r = p.to(tl.int32)
+        r, t0 = _next_digit(r, MAGIC_DECODE)
+        dot = t0 * z0[None, :]
+        nz = t0 * t0
+        r, t1 = _next_digit(r, MAGIC_DECODE)
+        dot += t1 * z1[None, :]
+        nz += t1 * t1
+        r, t2 = _next_digit(r, MAGIC_DECODE)
+        dot += t2 * z2[None, :]
+        nz += t2 * t2
+        r, t3 = _next_digit(r, MAGIC_DECODE)
+        dot += t3 * z3[None, :]
+        nz += t3 * t3
+        t4 = (r - 1).to(tl.float32)  # the last digit is what is left
+        dot += t4 * z4[None, :]
+        nz += t4 * t4
+        nnz = tl.sum(nz, axis=1)  # before the dots: 64 registers at 128 codes x 4 warps, not 72
+        return tl.sum(dot, axis=1), nnz
+
+    @triton.jit
     def _tile_min_kernel(zh_ptr, zl_ptr, packed_ptr, E_ptr, val_ptr, tile_ptr,
                          Q, N, NBYTES, n_tiles, tiles_per_split,
                          BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, NB: tl.constexpr,
@@ -257,20 +301,7 @@ if triton is not None:
         qi = tl.program_id(0)
         pid_s = tl.program_id(1)
         kb = tl.arange(0, NB)
-        # the rounded query per digit plane, in fp32: hi + lo is exact (disjoint bits), and a
-        # trit times it is exact, so the sums are those of every other path up to their order
-        zrow = qi.to(tl.int64) * (5 * NB) + kb
-        z0 = tl.load(zh_ptr + zrow).to(tl.float32)
-        z1 = tl.load(zh_ptr + zrow + NB).to(tl.float32)
-        z2 = tl.load(zh_ptr + zrow + 2 * NB).to(tl.float32)
-        z3 = tl.load(zh_ptr + zrow + 3 * NB).to(tl.float32)
-        z4 = tl.load(zh_ptr + zrow + 4 * NB).to(tl.float32)
-        if TWO_PASS:
-            z0 += tl.load(zl_ptr + zrow).to(tl.float32)
-            z1 += tl.load(zl_ptr + zrow + NB).to(tl.float32)
-            z2 += tl.load(zl_ptr + zrow + 2 * NB).to(tl.float32)
-            z3 += tl.load(zl_ptr + zrow + 3 * NB).to(tl.float32)
-            z4 += tl.load(zl_ptr + zrow + 4 * NB).to(tl.float32)
+        z0, z1, z2, z3, z4 = _query_planes(zh_ptr, zl_ptr, qi, NB, TWO_PASS)
         cc = tl.arange(0, BLOCK_C)
         bmask = kb[None, :] < NBYTES
         best = tl.full([], float("inf"), tl.float32)
@@ -295,27 +326,9 @@ if triton is not None:
             p_next = tl.load(packed_ptr + codes_next[:, None].to(tl.int64) * NBYTES + kb[None, :],
                              mask=cmask_next[:, None] & bmask, other=121)
             e_next = tl.load(E_ptr + codes_next, mask=cmask_next, other=0)
-            if MAGIC_DECODE:
-                r = p.to(tl.float32)
-            else:
-                r = p.to(tl.int32)
-            r, t0 = _next_digit(r, MAGIC_DECODE)
-            dot = t0 * z0[None, :]
-            nz = t0 * t0
-            r, t1 = _next_digit(r, MAGIC_DECODE)
-            dot += t1 * z1[None, :]
-            nz += t1 * t1
-            r, t2 = _next_digit(r, MAGIC_DECODE)
-            dot += t2 * z2[None, :]
-            nz += t2 * t2
-            r, t3 = _next_digit(r, MAGIC_DECODE)
-            dot += t3 * z3[None, :]
-            nz += t3 * t3
-            t4 = (r - 1).to(tl.float32)
-            dot += t4 * z4[None, :]
-            nz += t4 * t4
+            dots, nnz = _fma_dots(p, z0, z1, z2, z3, z4, MAGIC_DECODE)
             s = tl.exp2(e / E_STEP_C)
-            score = tl.where(cmask, s * s * tl.sum(nz, axis=1) - 2.0 * s * tl.sum(dot, axis=1), float("inf"))
+            score = tl.where(cmask, s * s * nnz - 2.0 * s * dots, float("inf"))
             m = tl.min(score, axis=0)
             better = m < best  # strict: an earlier tile keeps a tie
             best = tl.where(better, m, best)
@@ -351,37 +364,9 @@ if triton is not None:
         kb = tl.arange(0, NB)
         p = tl.load(packed_ptr + codes[:, None].to(tl.int64) * NBYTES + kb[None, :],
                     mask=cmask[:, None] & (kb[None, :] < NBYTES), other=121)
-        r = p.to(tl.int32)
-        zrow = qi.to(tl.int64) * (5 * NB) + kb
-        z0 = tl.load(zh_ptr + zrow).to(tl.float32)
-        z1 = tl.load(zh_ptr + zrow + NB).to(tl.float32)
-        z2 = tl.load(zh_ptr + zrow + 2 * NB).to(tl.float32)
-        z3 = tl.load(zh_ptr + zrow + 3 * NB).to(tl.float32)
-        z4 = tl.load(zh_ptr + zrow + 4 * NB).to(tl.float32)
-        if TWO_PASS:
-            z0 += tl.load(zl_ptr + zrow).to(tl.float32)
-            z1 += tl.load(zl_ptr + zrow + NB).to(tl.float32)
-            z2 += tl.load(zl_ptr + zrow + 2 * NB).to(tl.float32)
-            z3 += tl.load(zl_ptr + zrow + 3 * NB).to(tl.float32)
-            z4 += tl.load(zl_ptr + zrow + 4 * NB).to(tl.float32)
+        z0, z1, z2, z3, z4 = _query_planes(zh_ptr, zl_ptr, qi, NB, TWO_PASS)
         zn = tl.sum(z0 * z0 + z1 * z1 + z2 * z2 + z3 * z3 + z4 * z4, axis=0)
-        r, t0 = _next_digit(r, False)
-        dot = t0 * z0[None, :]
-        nz = t0 * t0
-        r, t1 = _next_digit(r, False)
-        dot += t1 * z1[None, :]
-        nz += t1 * t1
-        r, t2 = _next_digit(r, False)
-        dot += t2 * z2[None, :]
-        nz += t2 * t2
-        r, t3 = _next_digit(r, False)
-        dot += t3 * z3[None, :]
-        nz += t3 * t3
-        t4 = (r - 1).to(tl.float32)
-        dot += t4 * z4[None, :]
-        nz += t4 * t4
-        dots = tl.sum(dot, axis=1)
-        nnz = tl.sum(nz, axis=1)
+        dots, nnz = _fma_dots(p, z0, z1, z2, z3, z4, False)
         e = tl.load(E_ptr + codes, mask=cmask, other=0).to(tl.float32)
         s = tl.exp2(e / E_STEP_C)
         score = tl.where(cmask, s * s * nnz - 2.0 * s * dots, float("inf"))
