@@ -11,6 +11,9 @@
         graph-1m-codes-reseed12  2^20 codes re-seeded every 12 calls instead of 100 (8x the
                           re-seeding budget: at most one call's inputs per check)
         graph-1m-codes-random-reseed  2^20 codes re-seeded from a random sample of the batch
+        graph-reseed400, graph-1m-codes-reseed400  65,536 and 2^20 codes checked every 400 calls:
+                          a re-seeded code gets 4x as long to win inputs before it counts as dead
+                          (at 2^20 codes every 12 calls left fewer codes live than every 100)
     (b) frozen            centroids only: the same candidates with every edge frozen neutral
     (c) topk              a plain top-k softmax router over the ternary centroids, Switch balance loss
         topk-float        the same router with a float weight (a model with float parameters: eager)
@@ -55,6 +58,9 @@ ROUTING_VARIANTS: dict[str, list[str]] = {
     "graph-1m-codes-reseed12": _router("graph", "--model", f"codebook_size={1 << 20}", "--model", "vq_reseed_window=12"),
     "graph-1m-codes-random-reseed": _router("graph", "--model", f"codebook_size={1 << 20}",
                                             "--model", "vq_reseed_from=random"),
+    "graph-reseed400": _router("graph", "--model", "vq_reseed_window=400"),
+    "graph-1m-codes-reseed400": _router("graph", "--model", f"codebook_size={1 << 20}", "--model",
+                                        "vq_reseed_window=400"),
     "graph-10m-codes": _router("graph", "--model", f"codebook_size={SHARED_VQ_SIZE}"),
     "frozen": _router("frozen"),
     "topk": _router("topk"),

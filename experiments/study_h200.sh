@@ -20,6 +20,8 @@
 #                                             # `pack` on the next call
 #   bash experiments/study_h200.sh codes-reseed  # 2^20 codes re-seeded 8x as often / from random inputs, 65,536
 #                                                # codes from random inputs x3, CUDA VQ tests; then `pack`
+#   bash experiments/study_h200.sh codes-window  # re-seed checks every 400 calls: 65,536 codes x3, 2^20 codes;
+#                                                # then `pack`
 #   bash experiments/study_h200.sh decode-vq  # the batch-1 VQ search at 10M codes and default_3b's decode rows:
 #                                             # one call, no training
 #   bash experiments/study_h200.sh gemv-profile  # the i8f sweep and the small decode profile (compiled steps too) with
@@ -210,6 +212,20 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
         ;;
+    codes-window)  # issue 14 under rule old: re-seed checks every 400 calls, 65,536 codes x3 and 2^20 codes (seed 0),
+                   # beside the runs of 2026-12-07 (frozen x3, graph x3, graph-1m-codes, the re-seeding variants);
+                   # STOP_S (default 560) bounds the wait; then `pack`
+        device_info
+        mkdir -p "$STUDY/routing-old"
+        tar xzf docs/measurements/routing_ablation_old_small_reseed_h100_2026-12-07_runs.tar.gz -C "$STUDY/routing-old"
+        launch routing_old_window routing_ablation.py run "${ROUTING_OLD[@]}" \
+            --variants graph-reseed400,graph-1m-codes-reseed400 --seeds 0 --parallel 2
+        launch routing_old_window_seeds routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-reseed400 \
+            --seeds 1,2 --parallel 2
+        sleep 90
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+        WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
+        ;;
     decode-vq)  # the decode step's VQ search at 10M codes (small-batch tile against the training tile and
                 # torch, one run) and default_3b's decode rows on an idle GPU: one call of ~6 minutes, no training
         device_info
@@ -279,13 +295,13 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|float-frozen|gemv-i8f|float-frozen-tests|frozen-1m|codes-reseed|decode-vq|gemv-profile|pack|gemv-auto|routing-old|gemv-and-old|routing|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|float-frozen|gemv-i8f|float-frozen-tests|frozen-1m|codes-reseed|codes-window|decode-vq|gemv-profile|pack|gemv-auto|routing-old|gemv-and-old|routing|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 report
 case "${1:-}" in
-    frozen-1m|codes-reseed|pack)  # the runs so far, in case the machine goes back
+    frozen-1m|codes-reseed|codes-window|pack)  # the runs so far, in case the machine goes back
         (cd "$STUDY" && find routing-old -name config.json -o -name metrics.jsonl -o -name train.log \
             | tar czf "$OUT/routing_old_runs.tar.gz" -T -)
         ;;

@@ -22,7 +22,8 @@ def _main(*argv: str) -> int:
 
 def test_unknown_variant_is_refused_listing_the_valid_ones(tmp_path):
     valid = ("graph, graph-learned-vq, graph-random-reseed, graph-1m-codes, graph-1m-codes-reseed12, "
-             "graph-1m-codes-random-reseed, graph-10m-codes, frozen, topk, topk-float, hash")
+             "graph-1m-codes-random-reseed, graph-reseed400, graph-1m-codes-reseed400, graph-10m-codes, frozen, topk, "
+             "topk-float, hash")
     with pytest.raises(ValueError, match=r"unknown --variants \['switch'\]; valid: " + valid):
         _main("run", "--root", str(tmp_path), "--variants", "graph,switch", "--device", "cpu")
     assert not any(tmp_path.iterdir()), "nothing is launched when one name is wrong"
@@ -124,3 +125,21 @@ def test_at_step_picks_the_comparison_step_and_refuses_one_not_every_run_reached
     assert graph[5:7] == ["2.1000", "+5.0%"]
     with pytest.raises(SystemExit, match=r"--at-step 400: .*\[100, 200\]"):
         _main("report", "--root", str(root), "--steps", "400", "--baseline", "frozen", "--at-step", "400")
+
+
+def test_every_variant_names_a_valid_small_model():
+    """A variant's --model overrides are ModelConfig fields of valid values (a typo fails here, not
+    minutes into a GPU call), and each names the router it says."""
+    import dataclasses
+
+    from ternary_graph.cli import parse_model_overrides
+    from ternary_graph.config import PRESETS
+
+    for name, flags in ROUTING_VARIANTS.items():
+        overrides = [flags[i + 1] for i, flag in enumerate(flags) if flag == "--model"]
+        cfg = dataclasses.replace(PRESETS["small"], **parse_model_overrides(overrides))  # __post_init__ checks values
+        assert name.startswith(flags[flags.index("--routing") + 1]), name
+        if "1m-codes" in name:
+            assert cfg.codebook_size == 1 << 20, name
+        if "reseed400" in name:
+            assert cfg.vq_reseed_window == 400, name
