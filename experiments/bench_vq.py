@@ -58,8 +58,9 @@ SWEEP_X2 = [(256, 64, 8, 2, True), (512, 64, 16, 2, True)]
 # (block_q, block_c, num_warps) timed beside the default at decode batches; their registers at
 # sm_90: `PYTHONPATH=. python3 experiments/gemv_registers.py` (102, 128, 168, 104 with Triton 3.9)
 DECODE_TILES = [(16, 64, 4), (16, 128, 4), (32, 128, 4), (16, 128, 8)]
-# (block_c, num_warps, waves) of the one-query phase 1 (phase1="fma") at decode batches; registers
-# 64, 64, 128, 64 (gemv_registers.py, Triton 3.9): 8, 16, 4, 4 programs per SM, so more waves fit
+# (block_c, num_warps, waves) of the one-query phase 1 (phase1="fma") at decode batches: 128 codes
+# x 4 warps and 64 x 2 take 64 registers (8 and 16 programs an SM, so more waves fit), 256 x 4
+# takes 128 and 256 x 8 takes 64 (4 programs each; gemv_registers.py, Triton 3.9)
 DECODE_FMA_TILES = [(128, 4, 4), (128, 4, 8), (64, 2, 16), (256, 4, 4), (256, 8, 4)]
 
 
