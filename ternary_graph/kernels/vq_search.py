@@ -206,6 +206,21 @@ if triton is not None:
         return tl.sum(dot, axis=1), nnz
 
     @triton.jit
+    def _load_codes(packed_ptr, E_ptr, codes, code_stop, NBYTES, NB: tl.constexpr, BYTES_IN_ROWS: tl.constexpr):
+        """Packed bytes and scale exponents of ``codes``: (NB, codes) bytes for ``tl.dot``'s operand
+        if BYTES_IN_ROWS, else (codes, NB); codes at or past ``code_stop`` and the padding bytes
+        load as ZERO_TRITS_BYTE (121), which decodes to zero trits, and exponent 0."""
+        kb = tl.arange(0, NB)
+        cmask = codes < code_stop
+        if BYTES_IN_ROWS:
+            p = tl.load(packed_ptr + codes[None, :].to(tl.int64) * NBYTES + kb[:, None],
+                        mask=(kb[:, None] < NBYTES) & cmask[None, :], other=121)
+        else:
+            p = tl.load(packed_ptr + codes[:, None].to(tl.int64) * NBYTES + kb[None, :],
+                        mask=cmask[:, None] & (kb[None, :] < NBYTES), other=121)
+        return p, tl.load(E_ptr + codes, mask=cmask, other=0)
+
+    @triton.jit
     def _tile_min_kernel(zh_ptr, zl_ptr, packed_ptr, E_ptr, val_ptr, tile_ptr,
                          Q, N, NBYTES, n_tiles, tiles_per_split,
                          BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, NB: tl.constexpr,
@@ -232,7 +247,6 @@ if triton is not None:
         else:
             l0, l1, l2, l3, l4 = h0, h1, h2, h3, h4
         cc = tl.arange(0, BLOCK_C)
-        bmask = kb[:, None] < NBYTES
         best = tl.full([BLOCK_Q], float("inf"), tl.float32)
         best_t = tl.full([BLOCK_Q], -1, tl.int32)
         t_start = pid_s * tiles_per_split
@@ -243,20 +257,14 @@ if triton is not None:
         # (a program with BLOCK_Q = 256 fills an SM on its own: no other warps hide it).
         code_stop = tl.minimum(t_stop * BLOCK_C, N)  # end of this split's code range
         codes_next = t_start * BLOCK_C + cc
-        cmask_next = codes_next < code_stop
-        p_next = tl.load(packed_ptr + codes_next[None, :].to(tl.int64) * NBYTES + kb[:, None],
-                         mask=bmask & cmask_next[None, :], other=121)
-        e_next = tl.load(E_ptr + codes_next, mask=cmask_next, other=0)
+        p_next, e_next = _load_codes(packed_ptr, E_ptr, codes_next, code_stop, NBYTES, NB, True)
         for t in range(t_start, t_stop):
             codes = codes_next
             cmask = codes < N
             p = p_next
             e = e_next.to(tl.float32)
             codes_next = codes + BLOCK_C
-            cmask_next = codes_next < code_stop
-            p_next = tl.load(packed_ptr + codes_next[None, :].to(tl.int64) * NBYTES + kb[:, None],
-                             mask=bmask & cmask_next[None, :], other=121)
-            e_next = tl.load(E_ptr + codes_next, mask=cmask_next, other=0)
+            p_next, e_next = _load_codes(packed_ptr, E_ptr, codes_next, code_stop, NBYTES, NB, True)
             if MAGIC_DECODE:
                 r = p.to(tl.float32)
             else:
@@ -300,10 +308,8 @@ if triton is not None:
         far fewer registers, so more programs share an SM."""
         qi = tl.program_id(0)
         pid_s = tl.program_id(1)
-        kb = tl.arange(0, NB)
         z0, z1, z2, z3, z4 = _query_planes(zh_ptr, zl_ptr, qi, NB, TWO_PASS)
         cc = tl.arange(0, BLOCK_C)
-        bmask = kb[None, :] < NBYTES
         best = tl.full([], float("inf"), tl.float32)
         best_t = tl.full([], -1, tl.int32)
         t_start = pid_s * tiles_per_split
@@ -312,20 +318,14 @@ if triton is not None:
         # (BLOCK_C, NB) bytes, each code's bytes contiguous; the next tile is loaded one
         # iteration ahead, as in _tile_min_kernel
         codes_next = t_start * BLOCK_C + cc
-        cmask_next = codes_next < code_stop
-        p_next = tl.load(packed_ptr + codes_next[:, None].to(tl.int64) * NBYTES + kb[None, :],
-                         mask=cmask_next[:, None] & bmask, other=121)
-        e_next = tl.load(E_ptr + codes_next, mask=cmask_next, other=0)
+        p_next, e_next = _load_codes(packed_ptr, E_ptr, codes_next, code_stop, NBYTES, NB, False)
         for t in range(t_start, t_stop):
             codes = codes_next
             cmask = codes < N
             p = p_next
             e = e_next.to(tl.float32)
             codes_next = codes + BLOCK_C
-            cmask_next = codes_next < code_stop
-            p_next = tl.load(packed_ptr + codes_next[:, None].to(tl.int64) * NBYTES + kb[None, :],
-                             mask=cmask_next[:, None] & bmask, other=121)
-            e_next = tl.load(E_ptr + codes_next, mask=cmask_next, other=0)
+            p_next, e_next = _load_codes(packed_ptr, E_ptr, codes_next, code_stop, NBYTES, NB, False)
             dots, nnz = _fma_dots(p, z0, z1, z2, z3, z4, MAGIC_DECODE)
             s = tl.exp2(e / E_STEP_C)
             score = tl.where(cmask, s * s * nnz - 2.0 * s * dots, float("inf"))
@@ -361,14 +361,11 @@ if triton is not None:
         cc = tl.arange(0, BLOCK_C)
         codes = best_t * BLOCK_C + cc
         cmask = codes < N
-        kb = tl.arange(0, NB)
-        p = tl.load(packed_ptr + codes[:, None].to(tl.int64) * NBYTES + kb[None, :],
-                    mask=cmask[:, None] & (kb[None, :] < NBYTES), other=121)
+        p, e = _load_codes(packed_ptr, E_ptr, codes, N, NBYTES, NB, False)
         z0, z1, z2, z3, z4 = _query_planes(zh_ptr, zl_ptr, qi, NB, TWO_PASS)
         zn = tl.sum(z0 * z0 + z1 * z1 + z2 * z2 + z3 * z3 + z4 * z4, axis=0)
         dots, nnz = _fma_dots(p, z0, z1, z2, z3, z4, False)
-        e = tl.load(E_ptr + codes, mask=cmask, other=0).to(tl.float32)
-        s = tl.exp2(e / E_STEP_C)
+        s = tl.exp2(e.to(tl.float32) / E_STEP_C)
         score = tl.where(cmask, s * s * nnz - 2.0 * s * dots, float("inf"))
         m = tl.min(score, axis=0)
         idx = tl.min(tl.where(score == m, codes, N), axis=0)
