@@ -31,7 +31,7 @@ from ternary_graph.models.model import build_model
 # so the decode GEMVs are matched by their Triton kernel names, which start with "_gemv".
 KERNEL_GROUPS = {
     "weight products": ("cutlass", "nvjet", "prepare_grouped_gemm", "gemm"),
-    "VQ search": ("_tile_min_kernel", "_refine_kernel"),
+    "VQ search": ("_tile_min_kernel", "_tile_min_fma_kernel", "_refine_kernel"),
     "top-k / sorts": ("gatherTopK", "bitonicSort", "radixSort"),
     "attention": ("sdpa", "flash"),
 }

@@ -607,16 +607,16 @@ def test_decode_kernel_groups_name_the_decode_gemvs_and_not_the_kernels_inductor
 
     kernels = [{"name": n, "ms_per_step": ms, "launches_per_step": 1.0} for n, ms in (
         ("_gemv2_i8f_kernel", 0.5), ("nvjet_sm90_tst_64x8", 0.25), ("triton_poi_fused_decode_gemv_mul_silu", 4.0),
-        ("_tile_min_kernel", 2.0), ("_refine_kernel", 1.0), ("void at::native::sbtopk::gatherTopK<float>", 8.0),
-        ("cudnn_generated_fort_native_sdpa_sm80", 16.0))]
-    assert decode_kernels.group_ms(kernels) == {"weight products": 0.75, "VQ search": 3.0, "top-k / sorts": 8.0,
+        ("_tile_min_kernel", 2.0), ("_tile_min_fma_kernel", 0.5), ("_refine_kernel", 1.0),
+        ("void at::native::sbtopk::gatherTopK<float>", 8.0), ("cudnn_generated_fort_native_sdpa_sm80", 16.0))]
+    assert decode_kernels.group_ms(kernels) == {"weight products": 0.75, "VQ search": 3.5, "top-k / sorts": 8.0,
                                                  "attention": 16.0, "other": 4.0}
-    table = {"preset": "tiny", "weights": "ternary", "backend": None, "device": "X", "total_ms_per_step": 31.75,
+    table = {"preset": "tiny", "weights": "ternary", "backend": None, "device": "X", "total_ms_per_step": 32.25,
              "kernels": kernels}
     (tmp_path / "t.json").write_text(json.dumps(table))
     assert decode_kernels.main(["--from", str(tmp_path / "t.json"), "--top", "1"]) == 0
     out = capsys.readouterr().out
-    assert "31.750 ms of kernels per step, 7 launches" in out and "weight products 0.750" in out
+    assert "32.250 ms of kernels per step, 8 launches" in out and "weight products 0.750" in out
 
 
 @pytest.mark.cuda
