@@ -26,6 +26,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from bench_vq import DECODE_FMA_TILES, DECODE_TILES
 from ternary_graph.kernels import ternary_gemv as tg
 from ternary_graph.kernels import vq_search as vs
 from ternary_graph.ternary.state import E_STEP
@@ -40,10 +41,9 @@ I8F_POINTERS = dict(x_ptr="*bf16", xq_ptr="*i32", w_ptr="*i32", e_ptr="*i8", y_p
 VQ_POINTERS = dict(zh_ptr="*bf16", zl_ptr="*bf16", packed_ptr="*u8", E_ptr="*i8", val_ptr="*fp32", tile_ptr="*i32",
                    ids_ptr="*i64", dist_ptr="*fp32")
 # (block_q, block_c, warps) of the nearest-code search: the training tile, then the decode tiles
-# that experiments/bench_vq.py times at decode batches (DECODE_TILES there)
-VQ_TILES = ((512, 64, 16), (16, 64, 4), (16, 128, 4), (32, 128, 4), (16, 128, 8))
-# (block_c, warps) of the one-query phase 1 (phase1="fma"), as DECODE_FMA_TILES in bench_vq.py
-VQ_FMA_TILES = ((128, 4), (64, 2), (256, 4), (256, 8))
+# that bench_vq.py times at decode batches; (block_c, warps) of its one-query phase 1 there
+VQ_TILES = ((512, 64, 16), *DECODE_TILES)
+VQ_FMA_TILES = tuple(dict.fromkeys((block_c, warps) for block_c, warps, _ in DECODE_FMA_TILES))
 # (BN, BW, warps): the measured default first, then tiles with fewer elements per thread
 TILES = ((64, 32, 4), (32, 32, 2), (128, 32, 4), (32, 32, 4), (16, 32, 4), (64, 32, 8))
 
