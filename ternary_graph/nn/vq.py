@@ -63,8 +63,6 @@ class VQOutput(NamedTuple):
     commitment_loss: torch.Tensor
 
 
-
-
 @dataclass(frozen=True)
 class VQStats:
     """Statistics of a codebook (see :meth:`TernaryVQCodebook.stats`)."""
