@@ -100,6 +100,10 @@ frozen_and_1m_codes() {  # issue 14 under rule old: (b) frozen x3 beside the swe
     launch routing_old_1m routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-1m-codes --seeds 0 --parallel 1
 }
 
+beside_runs() {  # a tarball of finished ablation runs under rule old: they join routing-old's report
+    mkdir -p "$STUDY/routing-old" && tar xzf "$1" -C "$STUDY/routing-old"
+}
+
 launch() {  # name, script, then its run arguments
     local name="$1" script="$2"; shift 2
     setsid nohup python3 "experiments/$script" "$@" >> "$STUDY/launch_$name.log" 2>&1 < /dev/null &
@@ -200,8 +204,7 @@ case "${1:-wait}" in
                    # 65,536 codes re-seeded from random inputs x3, beside the runs of 2026-12-07 (frozen x3, graph x3,
                    # graph-1m-codes); the CUDA VQ tests beside them; STOP_S (default 560) bounds the wait; then `pack`
         device_info
-        mkdir -p "$STUDY/routing-old"
-        tar xzf docs/measurements/routing_ablation_old_small_frozen_1m_h100_2026-12-07_runs.tar.gz -C "$STUDY/routing-old"
+        beside_runs docs/measurements/routing_ablation_old_small_frozen_1m_h100_2026-12-07_runs.tar.gz
         launch routing_old_1m_reseed routing_ablation.py run "${ROUTING_OLD[@]}" \
             --variants graph-1m-codes-reseed12,graph-1m-codes-random-reseed --seeds 0 --parallel 2
         launch routing_old_random_reseed routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-random-reseed \
@@ -216,8 +219,7 @@ case "${1:-wait}" in
                    # beside the runs of 2026-12-07 (frozen x3, graph x3, graph-1m-codes, the re-seeding variants);
                    # STOP_S (default 560) bounds the wait; then `pack`
         device_info
-        mkdir -p "$STUDY/routing-old"
-        tar xzf docs/measurements/routing_ablation_old_small_reseed_h100_2026-12-07_runs.tar.gz -C "$STUDY/routing-old"
+        beside_runs docs/measurements/routing_ablation_old_small_reseed_h100_2026-12-07_runs.tar.gz
         launch routing_old_window routing_ablation.py run "${ROUTING_OLD[@]}" \
             --variants graph-reseed400,graph-1m-codes-reseed400 --seeds 0 --parallel 2
         launch routing_old_window_seeds routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph-reseed400 \
