@@ -41,7 +41,7 @@ import traceback
 
 import torch
 
-from ternary_graph.kernels.vq_search import nearest_codes_reference, nearest_codes_triton
+from ternary_graph.kernels.vq_search import default_search_tile, nearest_codes_reference, nearest_codes_triton
 from ternary_graph.nn import TernaryEmbeddingTable, TernaryVQCodebook
 from ternary_graph.ternary import TernaryOptimizer, UpdateRule, unpack_trits
 from ternary_graph.ternary.state import exponent_to_scale
@@ -235,13 +235,12 @@ def bench_search(args, device, timer, results) -> None:
 
 
 def bench_decode_batches(args, device, timer, results, packed, E, codes_bf16, neg_sq) -> None:
-    """A decode step's search (1 to 16 queries): the default tile for that batch against the
-    training tile (512 queries x 64 codes, 16 warps) and torch's bf16 addmm over a bf16 copy of
-    the scaled codes, timed in the same run; ids checked against the exact reference."""
+    """A decode step's search (1 to 16 queries): the default tile for that batch against the other
+    DECODE_TILES, the fma phase 1's DECODE_FMA_TILES, the training tile (512 queries x 64 codes,
+    16 warps) and torch's bf16 addmm over a bf16 copy of the scaled codes, timed in the same run;
+    ids checked against the exact reference."""
     if not args.decode_batches:
         return
-    from ternary_graph.kernels.vq_search import default_search_tile
-
     dim = args.dim
     gen = torch.Generator(device=device).manual_seed(3)
     rows = []
