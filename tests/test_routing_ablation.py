@@ -130,14 +130,12 @@ def test_at_step_picks_the_comparison_step_and_refuses_one_not_every_run_reached
 def test_every_variant_names_a_valid_small_model():
     """A variant's --model overrides are ModelConfig fields of valid values (a typo fails here, not
     minutes into a GPU call), and each names the router it says."""
-    import dataclasses
-
     from ternary_graph.cli import parse_model_overrides
     from ternary_graph.config import PRESETS
 
     for name, flags in ROUTING_VARIANTS.items():
         overrides = [flags[i + 1] for i, flag in enumerate(flags) if flag == "--model"]
-        cfg = dataclasses.replace(PRESETS["small"], **parse_model_overrides(overrides))  # __post_init__ checks values
+        cfg = PRESETS["small"].replace(**parse_model_overrides(overrides))  # __post_init__ checks the values
         assert name.startswith(flags[flags.index("--routing") + 1]), name
         if "1m-codes" in name:
             assert cfg.codebook_size == 1 << 20, name
