@@ -5,7 +5,7 @@ Measures, in one run on one GPU:
 1. correctness of the fused kernel against the exact chunked reference on a subset of queries;
 1b. a decode step's search (``--decode-batches``, 1, 2 and 16 queries): the default tile for that
    batch, four other small tiles, five tiles of the one-query phase 1 (``phase1="fma"``) and the
-   training tile against torch's bf16 addmm, same run;
+   training tile against torch's bf16 addmm, same run, in interleaved rounds (``--decode-rounds``);
 2. a small sweep of kernel configurations at 8,192 queries (both query precisions);
 3. exact assignment throughput (queries/s) of the best configuration for 1,024, 8,192 and
    65,536 queries, against torch chunked ``addmm`` + max/argmax over a bf16 copy of the same
@@ -255,12 +255,21 @@ def bench_decode_batches(args, device, timer, results, packed, E, codes_bf16, ne
                   if (q, c, w) != (bq, bc, nw)]
         tiles += [(f"fma_{c}w{w}v{v}", {"phase1": "fma", "block_c": c, "num_warps": w, "waves": v})
                   for c, w, v in DECODE_FMA_TILES]
-        for name, kw in tiles:
-            fn = lambda: nearest_codes_triton(z, packed, E, dim, precision="bf16x2", **kw)  # noqa: E731
-            ids, _ = fn()
-            row[f"{name}_id_mismatches"] = int((ids != rids).sum())
-            row[f"{name}_s"] = timer(fn, warmup=10, rep=100)
-        row["torch_s"] = timer(lambda: torch_chunked_search(zb, codes_bf16, neg_sq), warmup=5, rep=50)
+        fns = {name: (lambda kw=kw: nearest_codes_triton(z, packed, E, dim, precision="bf16x2", **kw))
+               for name, kw in tiles}
+        fns["torch"] = lambda: torch_chunked_search(zb, codes_bf16, neg_sq)
+        for name, fn in fns.items():
+            if name != "torch":
+                row[f"{name}_id_mismatches"] = int((fn()[0] != rids).sum())
+        # rounds over all of them, so that a drift of the GPU's clocks during the run reaches
+        # every tile alike; each tile's figure is the median of its rounds' medians
+        rounds = {name: [] for name in fns}
+        for _ in range(args.decode_rounds):
+            for name, fn in fns.items():
+                rounds[name].append(timer(fn, warmup=10, rep=100))
+        for name, times in rounds.items():
+            row[f"{name}_s"] = statistics.median(times)
+            row[f"{name}_round_seconds"] = times
         rows.append(row)
         log("decode batch", json.dumps(row))
     results["decode_batches"] = rows
@@ -373,6 +382,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-configs", type=int, default=len(SWEEP))
     p.add_argument("--decode-batches", type=int, nargs="*", default=[1, 2, 16],
                    help="query counts of the decode-step section (none: skip it)")
+    p.add_argument("--decode-rounds", type=int, default=5,
+                   help="interleaved timing rounds of the decode-batch tiles (median of the rounds)")
     p.add_argument("--skip", nargs="*", default=[], choices=["search", "sweep", "table", "step"],
                    help="sections to skip: search (all of it), sweep (the tile sweep and the throughput "
                         "sizes; the decode batches stay), table, step (the codebook training step)")
@@ -382,12 +393,15 @@ def main(argv=None) -> int:
     bad = [n for n in args.decode_batches if n < 1]
     if bad:
         p.error(f"--decode-batches takes query counts >= 1, got {bad[0]}")
+    if args.decode_rounds < 1:
+        p.error(f"--decode-rounds must be >= 1, got {args.decode_rounds}")
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--smoke needs TRITON_INTERPRET=1 in the environment (set before triton is imported)")
         args.codes, args.sizes, args.table_rows = 3000, [16, 32, 48], [500, 5000]
         args.step_batch, args.check_queries, args.max_configs = 64, 16, 2
         args.decode_batches = [n for n in args.decode_batches if n <= 2]
+        args.decode_rounds = min(args.decode_rounds, 2)
         DECODE_TILES[:] = DECODE_TILES[:1]
         DECODE_FMA_TILES[:] = DECODE_FMA_TILES[:1]
         SWEEP[:] = [(16, 32, 4, 2, True), (32, 64, 4, 2, False)]

@@ -22,8 +22,8 @@
 #                                                # codes from random inputs x3, CUDA VQ tests; then `pack`
 #   bash experiments/study_h200.sh codes-window  # re-seed checks every 400 calls: 65,536 codes x3, 2^20 codes;
 #                                                # then `pack`
-#   bash experiments/study_h200.sh decode-vq  # the batch-1 VQ search at 10M codes and default_3b's decode rows:
-#                                             # one call, no training
+#   bash experiments/study_h200.sh decode-vq  # the CUDA VQ tests, the batch-1 VQ search at 10M codes and
+#                                             # default_3b's decode rows: one call, no training
 #   bash experiments/study_h200.sh gemv-profile  # the i8f sweep and the small decode profile (compiled steps too) with
 #                                               # the CUDA generation/GEMV tests in what is left of 585 s, no training
 #   bash experiments/study_h200.sh gemv-auto  # CUDA GEMV/generation tests, then the 8192^2 sweep: one call, no training
@@ -228,9 +228,13 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
         ;;
-    decode-vq)  # the decode step's VQ search at 10M codes (small-batch tile against the training tile and
-                # torch, one run) and default_3b's decode rows on an idle GPU: one call of ~6 minutes, no training
+    decode-vq)  # the CUDA VQ tests; the decode step's VQ search at 10M codes (the default tile against the
+                # other small tiles, the fma phase 1, the training tile and torch, in interleaved rounds);
+                # then default_3b's decode rows on an idle GPU: one call of ~6 minutes, no training
         device_info
+        timeout 120 python3 -m pytest tests/test_kernels_vq.py -m cuda -q -rf -p no:cacheprovider \
+            > "$OUT/pytest_vq_cuda.log" 2>&1
+        tail -3 "$OUT/pytest_vq_cuda.log"
         timeout 150 python3 experiments/bench_vq.py --skip sweep table step --out "$OUT/vq" 2>&1 | tail -8
         timeout $((${STOP_S:-560} - SECONDS)) python3 experiments/bench_decode.py --out "$OUT/default_3b" --models-only \
             --presets default_3b:16 --skip-training-kernels --budget-s $((${STOP_S:-560} - 30 - SECONDS)) 2>&1 \

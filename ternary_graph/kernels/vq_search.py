@@ -32,9 +32,11 @@ Layers, as in every kernel file:
   program per query, picks the best split (ties: the earlier split, i.e. smaller ids) and
   rescans only the winning tile in fp32 to find the code and its distance. Neither phase
   materialises a queries×codes score matrix: phase 1 writes ``splits × queries`` values.
-  ``_tile_min_fma_kernel`` is phase 1 for decode batches (``phase1="fma"``): one query per
-  program row, the trits times the fp32 query in FMAs instead of ``tl.dot``, so no query is
-  padded to 16 rows and a program needs half the registers of the 16-query tile.
+  ``_tile_min_fma_kernel`` is an alternative phase 1 for decode batches (``phase1="fma"``): one
+  query per program row, the trits times the fp32 query in FMAs instead of ``tl.dot``, so no
+  query is padded to 16 rows and a program needs half the registers of the 16-query tile. It
+  is no faster: the work both share, loading and base-3 decoding the code tiles, bounds them
+  (the 16-query dot tile takes the same time at 1 and at 16 queries), so it is not the default.
 * the ``torch.library`` custom op ``ternary_graph::nearest_codes`` (with a fake impl so that
   ``torch.compile`` traces through it): CUDA tensors go to Triton, the rest to the reference.
 
@@ -431,8 +433,10 @@ def nearest_codes_triton(z2d: torch.Tensor, packed: torch.Tensor, E: torch.Tenso
 
     ``phase1`` picks the tile-minimum kernel: ``"dot"`` (``_tile_min_kernel``, tensor cores over
     ``block_q`` queries at a time) or ``"fma"`` (``_tile_min_fma_kernel``, one query per
-    program row, for decode batches; ``block_q`` must stay None, ``block_c`` defaults to 128
-    and ``num_warps`` to 4). Both feed the same refine kernel.
+    program row; ``block_q`` must stay None, ``block_c`` defaults to 128 and ``num_warps`` to
+    4). Both feed the same refine kernel. ``"dot"`` stays the default at every batch size: at
+    one query the two take the same time, at 2 and 16 queries the fma kernel is slower
+    (H100, 2026-12-07, ``experiments/bench_vq.py --skip sweep table step``; docs/kernels.md).
 
     ``splits`` (code-range pieces per query block) defaults to at least ``waves`` waves of
     programs over the device's SMs, with a full last wave where possible (``_choose_splits``).
