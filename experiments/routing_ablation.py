@@ -13,7 +13,8 @@
         graph-1m-codes-random-reseed  2^20 codes re-seeded from a random sample of the batch
         graph-reseed400, graph-1m-codes-reseed400  65,536 and 2^20 codes checked every 400 calls:
                           a re-seeded code gets 4x as long to win inputs before it counts as dead
-                          (at 2^20 codes every 12 calls left fewer codes live than every 100)
+                          (at 2^20 codes every 12 calls left fewer codes live than every 100; every
+                          400 left fewer at both sizes, H100 2026-12-07)
     (b) frozen            centroids only: the same candidates with every edge frozen neutral
     (c) topk              a plain top-k softmax router over the ternary centroids, Switch balance loss
         topk-float        the same router with a float weight (a model with float parameters: eager)

@@ -47,8 +47,9 @@ class ModelConfig:
     vq_projection: str = "frozen"
     vq_reseed_from: str = "worst"  # dead shared-VQ codes are re-seeded from the "worst" or "random" inputs
     # shared-VQ training calls between re-seed checks (0: never); each check re-seeds at most one
-    # call's inputs. More frequent checks do not fill a large codebook: at 2^20 codes, checks every
-    # 12 calls left fewer codes live than every 100 (docs/results.md, re-seeding variants)
+    # call's inputs. 100 kept the most codes live of the windows tried: at 2^20 codes checks every
+    # 12 calls left fewer live than every 100, and every 400 fewer at 65,536 and at 2^20 codes
+    # (docs/results.md, re-seeding variants)
     vq_reseed_window: int = RESEED_WINDOW
 
     def __post_init__(self) -> None:
