@@ -22,6 +22,8 @@
 #                                                # codes from random inputs x3, CUDA VQ tests; then `pack`
 #   bash experiments/study_h200.sh codes-window  # re-seed checks every 400 calls: 65,536 codes x3, 2^20 codes;
 #                                                # then `pack`
+#   bash experiments/study_h200.sh rule-start40  # issue 13: ramp40-48 x3 and the float twin at lr 1e-3 x3 at small,
+#                                                # beside the rule sweep's old x3 and float x3; then `pack`
 #   bash experiments/study_h200.sh decode-vq  # the CUDA VQ tests, the batch-1 VQ search at 10M codes and
 #                                             # default_3b's decode rows: one call, no training
 #   bash experiments/study_h200.sh gemv-profile  # the i8f sweep and the small decode profile (compiled steps too) with
@@ -63,6 +65,8 @@ report() {
         --out "$OUT" --name rule_study_small_now_h200 2>&1
     [ -d "$STUDY/routing-old" ] && python3 experiments/routing_ablation.py report --root "$STUDY/routing-old" \
         --steps 3052 --out "$OUT" --name routing_ablation_old_small_h200 2>&1
+    [ -d "$STUDY/small-start40" ] && python3 experiments/rule_study.py report --root "$STUDY/small-start40" \
+        --steps 3052 --out "$OUT" --name rule_study_small_start40 2>&1
     cat "$STUDY"/launch_*.log > "$OUT/study_launch_h200.log" 2>/dev/null
 }
 
@@ -228,6 +232,18 @@ case "${1:-wait}" in
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
         WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
         ;;
+    rule-start40)  # issue 13 on small: θ 40 -> 48 (ramp40-48) x3, and the float twin at lr 1e-3 x3 (its 2026-12-01
+                   # run was stopped at step 800, ahead of lr 2e-3), beside the sweep's old x3 and the float twin's
+                   # lr 2e-3 x3 (2026-12-01/02); STOP_S (default 560) bounds the wait; then `pack`
+        device_info
+        extract_old "$STUDY/small-start40"
+        tar xzf docs/measurements/rule_study_small_h200_runs.tar.gz -C "$STUDY/small-start40" --wildcards 'float-s*'
+        launch small_start40 rule_study.py run --root "$STUDY/small-start40" "${SMALL[@]:2}" \
+            --variants ramp40-48,float-lr1e-3 --seeds 0,1,2 --parallel 6
+        sleep 90
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+        WAIT_S=$((${STOP_S:-560} - SECONDS)) wait_all
+        ;;
     decode-vq)  # the CUDA VQ tests; the decode step's VQ search at 10M codes (the default tile against the
                 # other small tiles, the fma phase 1, the training tile and torch, in interleaved rounds);
                 # then default_3b's decode rows on an idle GPU: one call of ~6 minutes, no training
@@ -301,14 +317,16 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|float-frozen|gemv-i8f|float-frozen-tests|frozen-1m|codes-reseed|codes-window|decode-vq|gemv-profile|pack|gemv-auto|routing-old|gemv-and-old|routing|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|float-frozen|gemv-i8f|float-frozen-tests|frozen-1m|codes-reseed|codes-window|rule-start40|decode-vq|gemv-profile|pack|gemv-auto|routing-old|gemv-and-old|routing|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
 report
 case "${1:-}" in
-    frozen-1m|codes-reseed|codes-window|pack)  # the runs so far, in case the machine goes back
-        (cd "$STUDY" && find routing-old -name config.json -o -name metrics.jsonl -o -name train.log \
-            | tar czf "$OUT/routing_old_runs.tar.gz" -T -)
+    frozen-1m|codes-reseed|codes-window|rule-start40|pack)  # the runs so far, in case the machine goes back
+        for root in routing-old small-start40; do
+            [ -d "$STUDY/$root" ] && (cd "$STUDY" && find "$root" -name config.json -o -name metrics.jsonl \
+                -o -name train.log | tar czf "$OUT/${root}_runs.tar.gz" -T -)
+        done
         ;;
 esac
