@@ -52,8 +52,8 @@ VARIANTS: dict[str, list[str]] = {
     # small-preset candidates (2026-12-01: small learned fastest once θ rose past 24): a higher
     # start, and decay 5, whose ceiling of 128 leaves room for θ above 64
     "cool40-64": _rule(40, 64, ramp_from=0.5),
-    # 2026-12-07: cool40-64's early θ 40 (1.68 bits/byte at step 800, old 1.96) with old's late θ 48
-    # (cool40-64 stopped improving once θ passed ~50, old still improved at 41..48)
+    # cool40-64's early θ 40 with old's late θ 48: ahead of old until step ~1,500, then 9.7% behind at
+    # 50M tokens (3 seeds, docs/results.md, 2026-12-07)
     "ramp40-48": _rule(40, 48),
     "d5-cool32-96": _rule(32, 96, ramp_from=0.5, decay=5),
     "d5-cool48-112": _rule(48, 112, ramp_from=0.5, decay=5),
