@@ -266,7 +266,7 @@ case "${1:-wait}" in
         tail -3 "$OUT/pytest_gemv_generate_cuda.log"
         exit 0
         ;;
-    pack)  # wait (up to WAIT_S), then the reports and every run's config, metrics and log in one tarball
+    pack)  # wait (up to WAIT_S), then the reports, each with its runs' configs, metrics and logs
         wait_all
         ;;
     gemv-auto)  # auto is i8f at M <= 2: the CUDA GEMV and generation tests, then i8f against the other
@@ -321,12 +321,4 @@ case "${1:-wait}" in
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
-report
-case "${1:-}" in
-    frozen-1m|codes-reseed|codes-window|rule-start40|pack)  # the runs so far, in case the machine goes back
-        for root in routing-old small-start40; do
-            [ -d "$STUDY/$root" ] && (cd "$STUDY" && find "$root" -name config.json -o -name metrics.jsonl \
-                -o -name train.log | tar czf "$OUT/${root}_runs.tar.gz" -T -)
-        done
-        ;;
-esac
+report  # every report also writes <name>_runs.tar.gz, its runs so far, in case the machine goes back
