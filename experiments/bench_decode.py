@@ -103,12 +103,12 @@ I8F_CONFIGS = [("i8f", dict(BN=64, BW=32, warps=4, per_sm=4)), ("i8f", dict(BN=6
                ("i8f", dict(BN=32, BW=32, warps=4, per_sm=8, early=1)),
                ("i8f", dict(BN=16, BW=32, warps=4, per_sm=8, early=2)),
                ("i8f", dict(BN=16, BW=32, warps=4, per_sm=8, early=4))]
-# "i8r": the activations quantised in registers, one (BN, BW) word tile per program (BW = the K slice;
-# per_sm unused). Registers for sm_90 (experiments/gemv_registers.py, 2026-12-07): 64x128 w4 168,
+# "i8r": the activations quantised in registers, one (BN, BW) word tile per program (BW = the K slice,
+# so no per_sm). Registers for sm_90 (experiments/gemv_registers.py, 2026-12-07): 64x128 w4 168,
 # 32x128 w4 96, 16x256 w4 127, 64x64 w4 123, 32x256 w8 100, 16x512 w8 126, 128x64 w8 102
 I8R_TILES = ((64, 128, 4), (64, 128, 8), (32, 128, 4), (32, 256, 8), (16, 256, 4), (16, 512, 8), (64, 64, 4),
              (128, 64, 8), (32, 64, 2), (16, 128, 2), (32, 256, 4), (64, 32, 4), (32, 128, 2), (16, 256, 2))
-I8R_CONFIGS = [("i8r", dict(BN=BN, BW=BW, warps=w, per_sm=4)) for BN, BW, w in I8R_TILES]
+I8R_CONFIGS = [("i8r", dict(BN=BN, BW=BW, warps=w)) for BN, BW, w in I8R_TILES]
 SMALL_M = (2, 4, 8, 16)
 EXPERTS = ((2048, 2240), (1120, 2048))  # default_3b: gate_up and down of each of 16 experts
 PRESETS = (("small", 64), ("default_3b", 32))  # preset, new tokens decoded

@@ -243,6 +243,8 @@ def test_bad_input_is_refused_naming_the_argument(gen):
         tg.gemv_2bit_triton(x, words, E, 40, 8, variant="i8r")
     with pytest.raises(ValueError, match="config split does not apply to variant 'i8r' .* got split=2"):
         tg.gemv_2bit_triton(x.bfloat16(), words, E, 40, 8, variant="i8r", config=dict(split=2))
+    with pytest.raises(ValueError, match="config BW of variant 'i8r' must be <= 1024 .* got 2048"):
+        tg.gemv_2bit_triton(x.bfloat16(), words, E, 40, 8, variant="i8r", config=dict(BW=2048))
     with pytest.raises(ValueError, match="variant must be 'i8f' or 'i8r' .* got 'i8'"):
         tg.i8f_slice_words(2, 4, 8, 8, x.device, variant="i8")
     with pytest.raises(ValueError, match="slice_words must be a positive multiple of plane_words=8, got 12"):

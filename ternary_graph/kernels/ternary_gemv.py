@@ -85,7 +85,7 @@ FMA_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=8)
 DOT_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)
 I8_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)  # sm4 16.9 µs vs sm8 18.6 at 8192², H200
 I8F_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)  # the H100 sweep's best at 8192² (bench_decode_i8f_private_h100.log)
-I8R_CONFIG = dict(BN=64, BW=128, warps=4, per_sm=4)  # BW is the K tile = slice; per_sm unused (split = KW / BW)
+I8R_CONFIG = dict(BN=64, BW=128, warps=4)  # BW is the K tile = slice (split = KW / BW, so no per_sm)
 # "i8r" sums 256·d·hi + d·lo over a tile row in int32: each word adds at most 4·4·(2·128·256 + 2·255) < 2^21
 I8R_MAX_BW = 1024
 PACK_BLOCK = 8192  # activations per step of the i8 variant's x pack (a whole 8192-wide row: 32 per thread)
@@ -523,6 +523,12 @@ if HAS_TRITON:
         return r
 
     @triton.jit
+    def _round_x16(v):
+        """Scaled activations to 16-bit fixed point: half away from zero, clamped to ±X16_MAX (as :func:`_x16`)."""
+        x16 = tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
+        return tl.minimum(tl.maximum(x16, -_X16_MAX), _X16_MAX)
+
+    @triton.jit
     def _x16_words(x_row, q, K, q_ok, inv, L: tl.constexpr):
         """Packed x words ``q`` (:func:`pack_x16`'s byte order) of a row quantised by ``inv``:
         (hi, lo, Σ x16 per word)."""
@@ -532,9 +538,7 @@ if HAS_TRITON:
         xsum = tl.zeros(q.shape, dtype=tl.int32)
         for i in tl.static_range(4):
             cols = base + 4 * i * L
-            v = tl.load(x_row + cols, mask=(cols < K) & q_ok, other=0.0).to(tl.float32) * inv
-            x16 = tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
-            x16 = tl.minimum(tl.maximum(x16, -_X16_MAX), _X16_MAX)
+            x16 = _round_x16(tl.load(x_row + cols, mask=(cols < K) & q_ok, other=0.0).to(tl.float32) * inv)
             xsum += x16
             hi = hi | (((x16 >> 8) & 0xFF) << (8 * i))
             lo = lo | ((x16 & 0xFF) << (8 * i))
@@ -717,8 +721,7 @@ if HAS_TRITON:
         256·Σ d·hi + Σ d·lo in one int32 per element (one accumulator tile, not two: registers
         bound this kernel; I8R_MAX_BW keeps the row sums of it within int32). Returns ``acc`` and
         this j's Σ x16."""
-        x16 = tl.where(v >= 0, v * inv + 0.5, v * inv - 0.5).to(tl.int32)
-        x16 = tl.minimum(tl.maximum(x16, -_X16_MAX), _X16_MAX)
+        x16 = _round_x16(v * inv)
         sh = (8 * tl.arange(0, 4))[:, None]
         hi = tl.sum(((x16 >> 8) & 0xFF) << sh, axis=0)
         lo = tl.sum((x16 & 0xFF) << sh, axis=0)
@@ -913,11 +916,11 @@ if HAS_TRITON:
         stage_arg = {name: cfg[key] for key, name in (("stages", "num_stages"), ("maxnreg", "maxnreg"))
                      if cfg.get(key) is not None and not (key == "maxnreg" and interpreting())}
         L, K, KW = plane_words, in_features, words.shape[1]
+        if variant == "i8r":
+            BW = _i8r_tile_words(BW, KW, L)
         even = KW % BW == 0 and K == TRITS_PER_WORD * KW  # no column of any step needs a mask
         n_blocks = triton.cdiv(N, BN)
         if variant == "i8r":
-            BW = _i8r_tile_words(BW, KW, L)
-            even = KW % BW == 0 and K == TRITS_PER_WORD * KW
             split, iters = triton.cdiv(KW, BW), 1
         else:
             split, iters = _split(n_blocks * (M if variant in ("fma", "i8", "i8f") else 1), KW, BW, x2d.device,
