@@ -6,7 +6,7 @@ Sections, all in one run (every variant in its own try/except: a failure is logg
 goes on; a section that would overrun ``--budget-s`` is skipped and says so):
 
 1. GEMV, M = 1, at K->N 4096->4096, 8192->8192, 4096->14336: bf16 ``F.linear`` against every
-   variant / block config of ``kernels/ternary_gemv.py`` (2-bit layout: "fma", "dot", "dot1", "i8", "i8f", "i8r")
+   variant / block config of ``kernels/ternary_gemv.py`` (2-bit layout: "fma", "dot", "dot1", "i8", "i8f")
    and the training path's base-3 ``gemv_fma``. Every variant is checked against its torch
    reference (and the 2-bit reference against the base-3 one) before it is timed.
 2. Small M (2, 4, 8, 16) at 8192², and the stacked experts of default_3b (16 experts, 2048->2240
@@ -103,12 +103,6 @@ I8F_CONFIGS = [("i8f", dict(BN=64, BW=32, warps=4, per_sm=4)), ("i8f", dict(BN=6
                ("i8f", dict(BN=32, BW=32, warps=4, per_sm=8, early=1)),
                ("i8f", dict(BN=16, BW=32, warps=4, per_sm=8, early=2)),
                ("i8f", dict(BN=16, BW=32, warps=4, per_sm=8, early=4))]
-# "i8r": the activations quantised in registers, one (BN, BW) word tile per program (BW = the K slice,
-# so no per_sm). Registers for sm_90 (experiments/gemv_registers.py, 2026-12-07): 64x128 w4 168,
-# 32x128 w4 96, 16x256 w4 127, 64x64 w4 123, 32x256 w8 100, 16x512 w8 126, 128x64 w8 102
-I8R_TILES = ((64, 128, 4), (64, 128, 8), (32, 128, 4), (32, 256, 8), (16, 256, 4), (16, 512, 8), (64, 64, 4),
-             (128, 64, 8), (32, 64, 2), (16, 128, 2), (32, 256, 4), (64, 32, 4), (32, 128, 2), (16, 256, 2))
-I8R_CONFIGS = [("i8r", dict(BN=BN, BW=BW, warps=w)) for BN, BW, w in I8R_TILES]
 SMALL_M = (2, 4, 8, 16)
 EXPERTS = ((2048, 2240), (1120, 2048))  # default_3b: gate_up and down of each of 16 experts
 PRESETS = (("small", 64), ("default_3b", 32))  # preset, new tokens decoded
@@ -143,8 +137,7 @@ def cfg_name(variant: str, cfg: dict | None) -> str:
     if not cfg:
         return variant
     parts = [f"{cfg['BN']}x{cfg['BW']}w{cfg['warps']}"]
-    if variant != "i8r":  # i8r's split is KW / BW
-        parts.append(f"split{cfg['split']}" if "split" in cfg else f"sm{cfg['per_sm']}")
+    parts.append(f"split{cfg['split']}" if "split" in cfg else f"sm{cfg['per_sm']}")
     if cfg.get("stages") is not None:
         parts.append(f"st{cfg['stages']}")
     if cfg.get("maxnreg") is not None:
@@ -272,7 +265,7 @@ def gemv_shape(b: Bench, K: int, N: int, gen: torch.Generator) -> dict:
         b.add_gemv("gemv", shape, 1, "base3 gemv_fma (training path)", t, base, N * KB, err, mode)
     except Exception as exc:
         b.fail(f"{shape} base3 gemv_fma", exc)
-    variants = I8R_CONFIGS + I8F_CONFIGS + I8_CONFIGS + [("fma", c) for c in FMA_CONFIGS] + DOT_CONFIGS
+    variants = I8F_CONFIGS + I8_CONFIGS + [("fma", c) for c in FMA_CONFIGS] + DOT_CONFIGS
     if b.args.variants:  # the chosen kinds; fma always keeps its default config, the baseline of the 2-bit kernels
         kinds = b.args.variants.split(",")
         variants = [(v, c) for v, c in variants if v in kinds or (v == "fma" and c == FMA_CONFIGS[0])]
@@ -317,7 +310,7 @@ def gemv_small_m(b: Bench, gen: torch.Generator, best_fma: dict | None, K: int, 
         E = torch.randint(-16, -8, (N,), generator=gen, device=dev, dtype=torch.int8)
         copies.append(tg.DecodeWeights.from_state(packed, E, K))
     c0 = copies[0]
-    variants = [("fma", None), ("dot", None), ("dot1", None), ("i8", None), ("i8f", None), ("i8r", None)]
+    variants = [("fma", None), ("dot", None), ("dot1", None), ("i8", None), ("i8f", None)]
     if best_fma:
         variants.append(("fma", best_fma))
     for m in SMALL_M:

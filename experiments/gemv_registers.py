@@ -26,7 +26,6 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from bench_decode import I8R_TILES
 from bench_vq import DECODE_FMA_TILES, DECODE_TILES
 from ternary_graph.kernels import ternary_gemv as tg
 from ternary_graph.kernels import vq_search as vs
@@ -39,7 +38,6 @@ I8_POINTERS = dict(hi_ptr="*i32", lo_ptr="*i32", sx_ptr="*fp32", xs_ptr="*i32", 
                    y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
 I8F_POINTERS = dict(x_ptr="*bf16", xq_ptr="*i32", w_ptr="*i32", e_ptr="*i8", y_ptr="*bf16", ws_ptr="*fp32",
                     cnt_ptr="*i32")
-I8R_POINTERS = dict(x_ptr="*bf16", w_ptr="*i32", e_ptr="*i8", y_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
 VQ_POINTERS = dict(zh_ptr="*bf16", zl_ptr="*bf16", packed_ptr="*u8", E_ptr="*i8", val_ptr="*fp32", tile_ptr="*i32",
                    ids_ptr="*i64", dist_ptr="*fp32")
 # (block_q, block_c, warps) of the nearest-code search: the training tile, then the decode tiles
@@ -82,11 +80,6 @@ def main() -> int:
             regs = registers(kernel, pointers, consts, warps)
             fit = min(64 // warps, REGISTERS_PER_SM // (regs * 32 * warps))  # 64 warps per SM at most
             print(f"{f'{BN}x{BW}, {warps}':>16} {name:>10} {regs:>10} {fit:>12}")
-    for BN, BW, warps in I8R_TILES:
-        regs = registers(tg._gemv2_i8r_kernel, I8R_POINTERS, dict(L=32, BN=BN, BW=BW, SPLIT=True, EVEN=True, ASM=True),
-                         warps)
-        fit = min(64 // warps, REGISTERS_PER_SM // (regs * 32 * warps))
-        print(f"{f'{BN}x{BW}, {warps}':>16} {'i8r':>10} {regs:>10} {fit:>12}")
     print("nearest-code search (vq_search.py), dim 64 (16 packed bytes), bf16x2 queries")
     search = dict(NB=16, TWO_PASS=True, E_STEP_C=E_STEP, DOT_DTYPE=tl.bfloat16, MAGIC_DECODE=True)
     for bq, bc, warps in VQ_TILES:

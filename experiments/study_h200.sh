@@ -29,7 +29,6 @@
 #   bash experiments/study_h200.sh gemv-profile  # the i8f sweep and the small decode profile (compiled steps too) with
 #                                               # the CUDA generation/GEMV tests in what is left of 585 s, no training
 #   bash experiments/study_h200.sh gemv-auto  # CUDA GEMV/generation tests, then the 8192^2 sweep: one call, no training
-#   bash experiments/study_h200.sh gemv-i8r   # CUDA tests and the M = 1 sweep of i8r against i8f: one call, no training
 #   bash experiments/study_h200.sh gemv-and-old  # CUDA tests and sweep of the decode GEMVs, then `old` seeds 1, 2
 #                                                # at small (two runs alone on the GPU: ~400 s)
 #   bash experiments/study_h200.sh routing    # issue 14: small ablation, graph/frozen/topk/hash seed 0 and
@@ -281,17 +280,6 @@ case "${1:-wait}" in
         grep -E "^ *(gemv|small M|experts) |^best|FAILED|WRONG|bf16 F.linear" "$OUT/bench_decode_stdout.log" | tail -40
         exit 0
         ;;
-    gemv-i8r)  # "i8r" (x quantised in registers, one tile per program) against "i8f": the CUDA tests of
-               # both, then the M = 1 sweep of both at three shapes and the small-M defaults; no training
-        device_info
-        timeout 200 python3 -m pytest tests/test_ternary_gemv.py -m cuda -q -rf -k "i8r or i8f or untuned or graph" \
-            -p no:cacheprovider > "$OUT/pytest_gemv_cuda.log" 2>&1
-        tail -3 "$OUT/pytest_gemv_cuda.log"
-        timeout $((590 - SECONDS)) python3 experiments/bench_decode.py --out "$OUT" --skip-models \
-            --budget-s $((570 - SECONDS)) --variants i8r,i8f > "$OUT/bench_decode_stdout.log" 2>&1
-        grep -E "^ *(gemv|small M|experts) |^best|FAILED|WRONG|bf16 F.linear" "$OUT/bench_decode_stdout.log" | tail -70
-        exit 0
-        ;;
     routing-old)  # the ablation again under rule old: graph/frozen/topk/hash seed 0, graph seeds 1, 2
         device_info
         launch routing_old routing_ablation.py run "${ROUTING_OLD[@]}" --variants graph,frozen,topk,hash --seeds 0 \
@@ -329,7 +317,7 @@ case "${1:-wait}" in
         wait_all
         ;;
     *)
-        echo "usage: bash experiments/study_h200.sh rule|rule-small|float-frozen|gemv-i8f|float-frozen-tests|frozen-1m|codes-reseed|codes-window|rule-start40|decode-vq|gemv-profile|pack|gemv-auto|gemv-i8r|routing-old|gemv-and-old|routing|wait" >&2; exit 2
+        echo "usage: bash experiments/study_h200.sh rule|rule-small|float-frozen|gemv-i8f|float-frozen-tests|frozen-1m|codes-reseed|codes-window|rule-start40|decode-vq|gemv-profile|pack|gemv-auto|routing-old|gemv-and-old|routing|wait" >&2; exit 2
         ;;
 esac
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv

@@ -239,14 +239,6 @@ def test_bad_input_is_refused_naming_the_argument(gen):
         tg.gemv_2bit_triton(x.bfloat16(), words, E, 40, 8, variant="i8", offsets=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="variant='i8f' needs bfloat16/float16 x"):
         tg.gemv_2bit_triton(x, words, E, 40, 8, variant="i8f")
-    with pytest.raises(ValueError, match="variant='i8r' needs bfloat16/float16 x"):
-        tg.gemv_2bit_triton(x, words, E, 40, 8, variant="i8r")
-    with pytest.raises(ValueError, match="config split does not apply to variant 'i8r' .* got split=2"):
-        tg.gemv_2bit_triton(x.bfloat16(), words, E, 40, 8, variant="i8r", config=dict(split=2))
-    with pytest.raises(ValueError, match="config BW of variant 'i8r' must be <= 1024 .* got 2048"):
-        tg.gemv_2bit_triton(x.bfloat16(), words, E, 40, 8, variant="i8r", config=dict(BW=2048))
-    with pytest.raises(ValueError, match="variant must be 'i8f' or 'i8r' .* got 'i8'"):
-        tg.i8f_slice_words(2, 4, 8, 8, x.device, variant="i8")
     with pytest.raises(ValueError, match="slice_words must be a positive multiple of plane_words=8, got 12"):
         tg.gemv_x16_reference(x, words, E, 40, 8, slice_words=12)
     with pytest.raises(ValueError, match="config stages must be a positive int .* got 0"):
@@ -293,8 +285,7 @@ def _splits(plane_words: int) -> list[dict]:
 # oracle), i8 against its fixed-point reference (integer products: exact up to the output rounding)
 @pytest.mark.parametrize("variant,dtype", [("fma", torch.float32), ("fma", torch.bfloat16),
                                            ("i8", torch.bfloat16), ("i8", torch.float16),
-                                           ("i8f", torch.bfloat16), ("i8f", torch.float16),
-                                           ("i8r", torch.bfloat16), ("i8r", torch.float16)])
+                                           ("i8f", torch.bfloat16), ("i8f", torch.float16)])
 def test_per_row_kernels_match_their_reference(backend, n, k, plane_words, m, variant, dtype, gen):
     device = _device(backend)
     packed, E = _weights(n, k, gen, device)
@@ -304,16 +295,13 @@ def test_per_row_kernels_match_their_reference(backend, n, k, plane_words, m, va
         ref = tg.gemv_2bit_reference(x, words, E, k, plane_words)
         torch.testing.assert_close(ref.double().cpu(), _oracle(x, packed, E, k), **_tolerance(dtype, ref))
     configs = _splits(plane_words) if m == 1 else _splits(plane_words)[1::2]
-    if variant == "i8r":  # one K tile per program: the tile width is its split (one tile, several, a partial last)
-        bw = max(16, plane_words)
-        configs = [dict(BN=16, BW=bw, warps=1), dict(BN=32, BW=2 * bw, warps=2), dict(BN=16, BW=4 * bw, warps=1)]
     if variant == "i8f":  # words of the first steps loaded before the activation pack: 1 step without a
         # split over K, 2 steps where some slices are shorter (split=3: the last slice may have 1 step)
         configs += [dict(configs[0], early=1), dict(configs[1], early=2), dict(configs[1], early=4)]
     for cfg in configs:
         if variant != "fma":  # i8 quantises per row, i8f per K slice of the launch
-            slices = (tg.i8f_slice_words(m, n, words.shape[1], plane_words, x.device, cfg, variant)
-                      if variant in ("i8f", "i8r") else None)
+            slices = (tg.i8f_slice_words(m, n, words.shape[1], plane_words, x.device, cfg)
+                      if variant == "i8f" else None)
             ref = tg.gemv_x16_reference(x, words, E, k, plane_words, slice_words=slices)
         y = _run(variant, x, words, E, k, plane_words, cfg)
         torch.testing.assert_close(y, ref, **_tolerance(dtype, ref), msg=lambda s: f"{cfg}: {s}")
@@ -387,12 +375,9 @@ def test_float16_every_variant(backend, gen):
     cfg = dict(BN=16, BW=16, split=2)
     ref16f = tg.gemv_x16_reference(x, words, E, k, L, slice_words=tg.i8f_slice_words(4, n, words.shape[1], L,
                                                                                       x.device, cfg))
-    cfg_r = dict(BN=16, BW=16, warps=1)
-    ref16r = tg.gemv_x16_reference(x, words, E, k, L, slice_words=tg.i8f_slice_words(4, n, words.shape[1], L,
-                                                                                      x.device, cfg_r, "i8r"))
-    for variant in ("fma", "dot", "dot1", "i8", "i8f", "i8r", "auto"):
-        y = _run(variant, x, words, E, k, L, cfg_r if variant == "i8r" else cfg)
-        want = {"i8": ref16, "i8f": ref16f, "i8r": ref16r}.get(variant, ref)
+    for variant in ("fma", "dot", "dot1", "i8", "i8f", "auto"):
+        y = _run(variant, x, words, E, k, L, cfg)
+        want = {"i8": ref16, "i8f": ref16f}.get(variant, ref)
         torch.testing.assert_close(y, want, **_tolerance(torch.float16, want), msg=lambda s: f"{variant}: {s}")
 
 
@@ -531,10 +516,9 @@ def _oracle_of(variant: str, x: torch.Tensor, copy, k: int, exact: torch.Tensor 
     m, n = x.shape[0], copy.words.shape[0]
     if variant == "auto":
         variant = tg.auto_variant(m, copy.plane_words, x.dtype, grouped=False)
-    if variant not in ("i8", "i8f", "i8r"):
+    if variant not in ("i8", "i8f"):
         return exact if exact is not None else tg.gemv_2bit_reference(x, copy.words, copy.E, k, copy.plane_words)
-    slices = (tg.i8f_slice_words(m, n, copy.words.shape[1], copy.plane_words, x.device, variant=variant)
-              if variant != "i8" else None)
+    slices = tg.i8f_slice_words(m, n, copy.words.shape[1], copy.plane_words, x.device) if variant == "i8f" else None
     return tg.gemv_x16_reference(x, copy.words, copy.E, k, copy.plane_words, slice_words=slices)
 
 
@@ -554,7 +538,7 @@ def test_cuda_untuned_shapes_every_variant(n, k, dtype, gen):
     for m in (1, 2, 3, 16):  # each side of auto's switches
         x = torch.randn(m, k, generator=gen).to(device="cuda", dtype=dtype)
         ref = tg.gemv_2bit_reference(x, copy.words, copy.E, k, copy.plane_words)
-        variants = ["auto", "fma"] + (["dot", "i8", "i8f", "i8r"] + (["dot1"] if copy.plane_words >= 16 else [])
+        variants = ["auto", "fma"] + (["dot", "i8", "i8f"] + (["dot1"] if copy.plane_words >= 16 else [])
                                       if dtype != torch.float32 else [])
         for variant in variants:
             y = _run(variant, x, copy.words, copy.E, k, copy.plane_words, None, ws=copy.ws, counters=copy.counters)

@@ -67,7 +67,7 @@ TRITS_PER_WORD = 16
 PLANE_WORD_CHOICES = (32, 16, 8)  # tried largest first by choose_plane_words
 DECODE_MAX_M = 16  # activation rows the decode path takes (the layers fall back above it)
 MIN_BN = 16  # smallest row block of any kernel: the split-K counters are sized for it
-VARIANTS = ("auto", "fma", "dot", "dot1", "i8", "i8f", "i8r")
+VARIANTS = ("auto", "fma", "dot", "dot1", "i8", "i8f")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Which kernel "auto" takes, from experiments/bench_decode.py (docs/kernels.md): at M <= 2 with
 # 16-bit activations and one group "i8f" (H100, 2026-12-05: 2.36-3.94x bf16 at M = 1 where "fma"
@@ -85,9 +85,6 @@ FMA_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=8)
 DOT_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)
 I8_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)  # sm4 16.9 µs vs sm8 18.6 at 8192², H200
 I8F_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)  # the H100 sweep's best at 8192² (bench_decode_i8f_private_h100.log)
-I8R_CONFIG = dict(BN=64, BW=128, warps=4)  # BW is the K tile = slice (split = KW / BW, so no per_sm)
-# "i8r" sums 256·d·hi + d·lo over a tile row in int32: each word adds at most 4·4·(2·128·256 + 2·255) < 2^21
-I8R_MAX_BW = 1024
 PACK_BLOCK = 8192  # activations per step of the i8 variant's x pack (a whole 8192-wide row: 32 per thread)
 EARLY_CHOICES = (0, 1, 2, 4)  # "i8f": K steps of words loaded before the activation pack (one tile)
 CONFIG_KEYS = ("BN", "BW", "warps", "per_sm", "split", "stages", "maxnreg", "early")
@@ -348,15 +345,6 @@ if HAS_TRITON:
         return wd
 
     @triton.jit
-    def _row_block(w_ptr, pid_n, N, stride_w8, BN: tl.constexpr):
-        """Rows of row block ``pid_n``: (offsets, in range, int64 rows, row pointers). rows ·
-        (stride/8) · 8: the literal factor tells the compiler every row is 32-byte aligned, so the
-        word tiles load as 16-byte vectors."""
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        rows = offs_n.to(tl.int64)
-        return offs_n, offs_n < N, rows, w_ptr + rows[:, None] * (stride_w8 * 8)
-
-    @triton.jit
     def _finish(part, scale, y_ptrs, ws_ptrs, mask, cnt_ptr, n_split, SPLIT: tl.constexpr):
         """Store ``part·scale``, or, split over K, add the partial into the workspace; the tile's
         last program (counter) stores the total and resets workspace and counter to zero."""
@@ -452,7 +440,10 @@ if HAS_TRITON:
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         dt = x_ptr.dtype.element_ty
-        offs_n, n_ok, rows, w_rows = _row_block(w_ptr, pid_n, N, stride_w8, BN)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        rows = offs_n.to(tl.int64)
+        w_rows = w_ptr + rows[:, None] * (stride_w8 * 8)  # see _gemv2_fma_kernel: 32-byte aligned rows
         offs_m = tl.arange(0, MP)
         m_ok = offs_m < M
         x_rows = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm  # (1, MP)
@@ -523,12 +514,6 @@ if HAS_TRITON:
         return r
 
     @triton.jit
-    def _round_x16(v):
-        """Scaled activations to 16-bit fixed point: half away from zero, clamped to ±X16_MAX (as :func:`_x16`)."""
-        x16 = tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
-        return tl.minimum(tl.maximum(x16, -_X16_MAX), _X16_MAX)
-
-    @triton.jit
     def _x16_words(x_row, q, K, q_ok, inv, L: tl.constexpr):
         """Packed x words ``q`` (:func:`pack_x16`'s byte order) of a row quantised by ``inv``:
         (hi, lo, Σ x16 per word)."""
@@ -538,7 +523,9 @@ if HAS_TRITON:
         xsum = tl.zeros(q.shape, dtype=tl.int32)
         for i in tl.static_range(4):
             cols = base + 4 * i * L
-            x16 = _round_x16(tl.load(x_row + cols, mask=(cols < K) & q_ok, other=0.0).to(tl.float32) * inv)
+            v = tl.load(x_row + cols, mask=(cols < K) & q_ok, other=0.0).to(tl.float32) * inv
+            x16 = tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
+            x16 = tl.minimum(tl.maximum(x16, -_X16_MAX), _X16_MAX)
             xsum += x16
             hi = hi | (((x16 >> 8) & 0xFF) << (8 * i))
             lo = lo | ((x16 & 0xFF) << (8 * i))
@@ -636,7 +623,10 @@ if HAS_TRITON:
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        offs_n, n_ok, rows, w_rows = _row_block(w_ptr, pid_n, N, stride_w8, BN)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        rows = offs_n.to(tl.int64)
+        w_rows = w_ptr + rows[:, None] * (stride_w8 * 8)  # see _gemv2_fma_kernel: 32-byte aligned rows
         KQ = 4 * KW
         w_start = pid_k * (iters * BW)
         n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
@@ -667,7 +657,10 @@ if HAS_TRITON:
         lo_row = hi_row + KQ
         w_start = pid_k * (iters * BW)
         n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
-        offs_n, n_ok, rows, w_rows = _row_block(w_ptr, pid_n, N, stride_w8, BN)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        rows = offs_n.to(tl.int64)
+        w_rows = w_ptr + rows[:, None] * (stride_w8 * 8)  # see _gemv2_fma_kernel: 32-byte aligned rows
         wd_early = 0
         if EARLY > 0:
             wd_early = _early_words(w_rows, n_ok, w_start, n_it, KW, BW, EARLY)
@@ -697,71 +690,6 @@ if HAS_TRITON:
         total -= tl.sum(xsum, axis=0).to(tl.float32)  # this slice's Σ x16 (t = d - 1)
         # slices differ in scale, so each partial carries its own sx into the split-K sum
         total *= amax / _X16_MAX
-        scale = _row_scale(tl.load(e_ptr + rows, mask=n_ok, other=0))
-        _finish(total, scale, y_ptr + m * stride_ym + offs_n, ws_ptr + m * N + offs_n, n_ok,
-                cnt_ptr + m * tl.num_programs(1) + pid_n, n_split, SPLIT)
-
-    @triton.jit
-    def _x_fields(x_row, base, j: tl.constexpr, K, L: tl.constexpr, EVEN: tl.constexpr):
-        """(4, BW) float32 activations of fields j, 4 + j, 8 + j, 12 + j (rows) of the words whose
-        field 0 sits at column ``base`` (BW,): row i is the column that byte i of
-        ``(w >> 2j) & 0x03030303`` multiplies. Zeros past K unless EVEN."""
-        cols = base[None, :] + ((4 * tl.arange(0, 4) + j) * L)[:, None]
-        if EVEN:
-            v = tl.load(x_row + cols)
-        else:
-            v = tl.load(x_row + cols, mask=cols < K, other=0.0)
-        return v.to(tl.float32)
-
-    @triton.jit
-    def _i8r_fields(wd, v, j: tl.constexpr, inv, acc, BN: tl.constexpr, BW: tl.constexpr, ASM: tl.constexpr):
-        """Fields j, 4 + j, 8 + j, 12 + j of the (BN, BW) word tile against their activations ``v``
-        (:func:`_x_fields`) quantised by ``inv``: the hi and lo words are built in registers (bytes
-        are disjoint, so their sum is their OR) and never touch memory. ``acc`` gathers
-        256·Σ d·hi + Σ d·lo in one int32 per element (one accumulator tile, not two: registers
-        bound this kernel; I8R_MAX_BW keeps the row sums of it within int32). Returns ``acc`` and
-        this j's Σ x16."""
-        x16 = _round_x16(v * inv)
-        sh = (8 * tl.arange(0, 4))[:, None]
-        hi = tl.sum(((x16 >> 8) & 0xFF) << sh, axis=0)
-        lo = tl.sum((x16 & 0xFF) << sh, axis=0)
-        a = (wd >> (2 * j)) & 0x03030303
-        acc += _dp4a(a, tl.broadcast_to(hi[None, :], (BN, BW)), tl.zeros((BN, BW), dtype=tl.int32), True, ASM) << 8
-        acc = _dp4a(a, tl.broadcast_to(lo[None, :], (BN, BW)), acc, False, ASM)
-        return acc, tl.sum(tl.sum(x16, axis=1), axis=0)
-
-    @triton.jit(do_not_specialize=["N", "K", "KW", "stride_w8", "stride_ym", "n_split"])
-    def _gemv2_i8r_kernel(x_ptr, w_ptr, e_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, stride_xm, stride_w8,
-                          stride_ym, n_split, L: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
-                          SPLIT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr):
-        """"i8" with the activations quantised in registers: one (BN, BW) word tile per program (the
-        K slice is the tile, so there is no loop), its load issued first, then the slice's 16·BW
-        activations in four (4, BW) loads; the slice's absmax, the fixed-point hi/lo words and the
-        dp4a all follow from registers. One round trip to memory for the weights and x together,
-        where "i8f" makes several (absmax pass, pack and store, barrier, reload through L2)."""
-        m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_n, n_ok, rows, w_rows = _row_block(w_ptr, pid_n, N, stride_w8, BN)
-        wi = pid_k * BW + tl.arange(0, BW)
-        wd = _load_words(w_rows, wi, n_ok, KW, EVEN)
-        x_row = x_ptr + m.to(tl.int64) * stride_xm
-        base = (wi // L) * (16 * L) + wi % L  # column of field 0 of each word (>= K for words past KW)
-        v0 = _x_fields(x_row, base, 0, K, L, EVEN)
-        v1 = _x_fields(x_row, base, 1, K, L, EVEN)
-        v2 = _x_fields(x_row, base, 2, K, L, EVEN)
-        v3 = _x_fields(x_row, base, 3, K, L, EVEN)
-        amax = tl.max(tl.max(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))),
-                             axis=1), axis=0)
-        amax = tl.maximum(amax, _X16_ABSMAX_FLOOR)
-        inv = _X16_MAX / amax
-        acc = tl.zeros((BN, BW), dtype=tl.int32)
-        acc, xs0 = _i8r_fields(wd, v0, 0, inv, acc, BN, BW, ASM)
-        acc, xs1 = _i8r_fields(wd, v1, 1, inv, acc, BN, BW, ASM)
-        acc, xs2 = _i8r_fields(wd, v2, 2, inv, acc, BN, BW, ASM)
-        acc, xs3 = _i8r_fields(wd, v3, 3, inv, acc, BN, BW, ASM)
-        total = (tl.sum(acc, axis=1) - (xs0 + xs1 + xs2 + xs3)).to(tl.float32)  # minus the slice's Σ x16 (t = d - 1)
-        total *= amax / _X16_MAX  # slices differ in scale: each partial carries its own sx
         scale = _row_scale(tl.load(e_ptr + rows, mask=n_ok, other=0))
         _finish(total, scale, y_ptr + m * stride_ym + offs_n, ws_ptr + m * N + offs_n, n_ok,
                 cnt_ptr + m * tl.num_programs(1) + pid_n, n_split, SPLIT)
@@ -825,22 +753,14 @@ if HAS_TRITON:
             raise ValueError(f"config warps must be a power of two, got {warps}")
         return BN, BW, warps
 
-    def _i8r_tile_words(BW: int, KW: int, L: int) -> int:
-        """The K tile (= slice) of "i8r": the config's BW, cut to the row when the row is shorter."""
-        return max(L, min(BW, triton.next_power_of_2(KW)))
-
     def i8f_slice_words(M: int, N: int, KW: int, plane_words: int, device: torch.device,
-                        config: dict | None = None, variant: str = "i8f") -> int:
-        """Words of each K slice that "i8f" (or "i8r") quantises with one scale, for an (M, K) x
-        against N rows of KW words. "i8f": the launcher's split-K step (it depends on the SM count,
-        so the result of "i8f" may differ between GPUs by the fixed point's rounding); "i8r": its
-        tile width. :func:`gemv_x16_reference` with this ``slice_words`` is the exact oracle."""
-        if variant not in ("i8f", "i8r"):
-            raise ValueError(f"variant must be 'i8f' or 'i8r' (the kernels with K slices), got {variant!r}")
-        cfg = dict(I8F_CONFIG if variant == "i8f" else I8R_CONFIG) | (config or {})
+                        config: dict | None = None) -> int:
+        """Words of each K slice that "i8f" quantises with one scale, for an (M, K) x against N
+        rows of KW words: the launcher's split-K step (it depends on the SM count, so the result of
+        "i8f" may differ between GPUs by the fixed point's rounding; :func:`gemv_x16_reference`
+        with this ``slice_words`` is its exact oracle)."""
+        cfg = dict(I8F_CONFIG) | (config or {})
         BN, BW, _ = _block_config(cfg, plane_words)
-        if variant == "i8r":
-            return _i8r_tile_words(BW, KW, plane_words)
         _, iters = _split(triton.cdiv(N, BN) * M, KW, BW, device, cfg)
         return iters * BW
 
@@ -884,14 +804,8 @@ if HAS_TRITON:
             raise ValueError(f"variant={variant!r} takes at most {DECODE_MAX_M} rows of x, got M={M}")
         if variant == "dot1" and plane_words < 16:
             raise ValueError(f"variant='dot1' needs plane_words >= 16 (a dot of K >= 16), got {plane_words}")
-        cfg = dict({"fma": FMA_CONFIG, "i8": I8_CONFIG, "i8f": I8F_CONFIG, "i8r": I8R_CONFIG}.get(variant, DOT_CONFIG)
-                   ) | (config or {})
+        cfg = dict({"fma": FMA_CONFIG, "i8": I8_CONFIG, "i8f": I8F_CONFIG}.get(variant, DOT_CONFIG)) | (config or {})
         BN, BW, warps = _block_config(cfg, plane_words)
-        if variant == "i8r" and BW > I8R_MAX_BW:
-            raise ValueError(f"config BW of variant 'i8r' must be <= {I8R_MAX_BW} (its int32 row sums), got {BW}")
-        if variant == "i8r" and cfg.get("split") is not None:
-            raise ValueError(f"config split does not apply to variant 'i8r' (one K tile of BW words per program, "
-                             f"so its split is KW / BW), got split={cfg['split']!r}")
         if cfg.get("early") and variant != "i8f":
             raise ValueError(f"config early applies to variant 'i8f' only, got variant={variant!r}")
         if not words.is_contiguous():
@@ -916,15 +830,9 @@ if HAS_TRITON:
         stage_arg = {name: cfg[key] for key, name in (("stages", "num_stages"), ("maxnreg", "maxnreg"))
                      if cfg.get(key) is not None and not (key == "maxnreg" and interpreting())}
         L, K, KW = plane_words, in_features, words.shape[1]
-        if variant == "i8r":
-            BW = _i8r_tile_words(BW, KW, L)
         even = KW % BW == 0 and K == TRITS_PER_WORD * KW  # no column of any step needs a mask
         n_blocks = triton.cdiv(N, BN)
-        if variant == "i8r":
-            split, iters = triton.cdiv(KW, BW), 1
-        else:
-            split, iters = _split(n_blocks * (M if variant in ("fma", "i8", "i8f") else 1), KW, BW, x2d.device,
-                                  cfg)
+        split, iters = _split(n_blocks * (M if variant in ("fma", "i8", "i8f") else 1), KW, BW, x2d.device, cfg)
         if split > 1:
             if ws is None or counters is None:
                 ws, counters = workspace(M, N, x2d.device)
@@ -958,12 +866,6 @@ if HAS_TRITON:
                 x2d, xq, words, E, y, ws, counters, N, K, KW, x2d.stride(0), KW // 8, y.stride(0), iters, split,
                 L=L, BN=BN, BW=BW, SPLIT=split > 1, EVEN=KW % BW == 0, ASM=not interpreting(),
                 EARLY=cfg.get("early", 0), num_warps=warps, **stage_arg)
-            return y
-        if variant == "i8r":
-            _gemv2_i8r_kernel[(M, n_blocks, split)](
-                x2d, words, E, y, ws, counters, N, K, KW, x2d.stride(0), KW // 8, y.stride(0), split,
-                L=L, BN=BN, BW=BW, SPLIT=split > 1, EVEN=even, ASM=not interpreting(),
-                num_warps=warps, **stage_arg)
             return y
         pos, base = (5, 0x3F80) if x2d.dtype == torch.bfloat16 else (8, 0x3C00)  # top 2 mantissa bits of 1.0
         _gemv2_dot_kernel[(n_blocks, split)](
