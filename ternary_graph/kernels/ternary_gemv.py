@@ -345,6 +345,15 @@ if HAS_TRITON:
         return wd
 
     @triton.jit
+    def _row_block(w_ptr, pid_n, N, stride_w8, BN: tl.constexpr):
+        """Rows of row block ``pid_n``: (offsets, in range, int64 rows, row pointers). rows ·
+        (stride/8) · 8: the literal factor tells the compiler every row is 32-byte aligned, so the
+        word tiles load as 16-byte vectors."""
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        rows = offs_n.to(tl.int64)
+        return offs_n, offs_n < N, rows, w_ptr + rows[:, None] * (stride_w8 * 8)
+
+    @triton.jit
     def _finish(part, scale, y_ptrs, ws_ptrs, mask, cnt_ptr, n_split, SPLIT: tl.constexpr):
         """Store ``part·scale``, or, split over K, add the partial into the workspace; the tile's
         last program (counter) stores the total and resets workspace and counter to zero."""
@@ -440,10 +449,7 @@ if HAS_TRITON:
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         dt = x_ptr.dtype.element_ty
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        n_ok = offs_n < N
-        rows = offs_n.to(tl.int64)
-        w_rows = w_ptr + rows[:, None] * (stride_w8 * 8)  # see _gemv2_fma_kernel: 32-byte aligned rows
+        offs_n, n_ok, rows, w_rows = _row_block(w_ptr, pid_n, N, stride_w8, BN)
         offs_m = tl.arange(0, MP)
         m_ok = offs_m < M
         x_rows = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm  # (1, MP)
@@ -623,10 +629,7 @@ if HAS_TRITON:
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        n_ok = offs_n < N
-        rows = offs_n.to(tl.int64)
-        w_rows = w_ptr + rows[:, None] * (stride_w8 * 8)  # see _gemv2_fma_kernel: 32-byte aligned rows
+        offs_n, n_ok, rows, w_rows = _row_block(w_ptr, pid_n, N, stride_w8, BN)
         KQ = 4 * KW
         w_start = pid_k * (iters * BW)
         n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
@@ -657,10 +660,7 @@ if HAS_TRITON:
         lo_row = hi_row + KQ
         w_start = pid_k * (iters * BW)
         n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        n_ok = offs_n < N
-        rows = offs_n.to(tl.int64)
-        w_rows = w_ptr + rows[:, None] * (stride_w8 * 8)  # see _gemv2_fma_kernel: 32-byte aligned rows
+        offs_n, n_ok, rows, w_rows = _row_block(w_ptr, pid_n, N, stride_w8, BN)
         wd_early = 0
         if EARLY > 0:
             wd_early = _early_words(w_rows, n_ok, w_start, n_it, KW, BW, EARLY)
