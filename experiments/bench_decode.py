@@ -41,6 +41,7 @@ import gc
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import sysconfig
@@ -69,7 +70,10 @@ FMA_CONFIGS = [dict(BN=64, BW=32, warps=4, per_sm=8), dict(BN=64, BW=32, warps=4
                dict(BN=128, BW=32, warps=4, per_sm=4),
                # fewer elements per thread, so fewer registers (experiments/gemv_registers.py): 8 or 4
                dict(BN=32, BW=32, warps=4, per_sm=8), dict(BN=32, BW=32, warps=4, per_sm=16),
-               dict(BN=64, BW=32, warps=8, per_sm=8), dict(BN=16, BW=32, warps=4, per_sm=16)]
+               dict(BN=64, BW=32, warps=8, per_sm=8), dict(BN=16, BW=32, warps=4, per_sm=16),
+               # the word slice asked into L2 up front (as the i8f prefetch tiles)
+               dict(BN=64, BW=32, warps=4, per_sm=8, prefetch=True), dict(BN=64, BW=32, warps=4, per_sm=4, prefetch=True),
+               dict(BN=32, BW=32, warps=4, per_sm=8, prefetch=True)]
 DOT_CONFIGS = [("dot", dict(BN=64, BW=32, warps=4, per_sm=4)), ("dot", dict(BN=128, BW=32, warps=4, per_sm=4)),
                ("dot", dict(BN=64, BW=32, warps=4, per_sm=8)), ("dot", dict(BN=128, BW=32, warps=8, per_sm=2)),
                ("dot1", dict(BN=64, BW=32, warps=4, per_sm=4))]
@@ -102,11 +106,26 @@ I8F_CONFIGS = [("i8f", dict(BN=64, BW=32, warps=4, per_sm=4)), ("i8f", dict(BN=6
                ("i8f", dict(BN=32, BW=32, warps=4, per_sm=4, early=4)),
                ("i8f", dict(BN=32, BW=32, warps=4, per_sm=8, early=1)),
                ("i8f", dict(BN=16, BW=32, warps=4, per_sm=8, early=2)),
-               ("i8f", dict(BN=16, BW=32, warps=4, per_sm=8, early=4))]
+               ("i8f", dict(BN=16, BW=32, warps=4, per_sm=8, early=4)),
+               # the program's whole word slice asked into L2 up front (cp.async.bulk.prefetch), holding no
+               # registers, so the weight stream runs from the first instruction while x is packed; with
+               # memory parallelism no longer tied to the tile, smaller tiles and more programs per SM too
+               ("i8f", dict(BN=64, BW=32, warps=4, per_sm=4, prefetch=True)),
+               ("i8f", dict(BN=64, BW=32, warps=4, per_sm=2, prefetch=True)),
+               ("i8f", dict(BN=64, BW=32, warps=4, per_sm=8, prefetch=True)),
+               ("i8f", dict(BN=128, BW=32, warps=8, per_sm=2, prefetch=True)),
+               ("i8f", dict(BN=128, BW=32, warps=8, per_sm=1, prefetch=True)),
+               ("i8f", dict(BN=64, BW=32, warps=8, per_sm=4, prefetch=True)),
+               ("i8f", dict(BN=32, BW=32, warps=4, per_sm=8, prefetch=True)),
+               ("i8f", dict(BN=32, BW=32, warps=4, per_sm=4, prefetch=True)),
+               ("i8f", dict(BN=32, BW=32, warps=2, per_sm=8, prefetch=True)),
+               ("i8f", dict(BN=64, BW=64, warps=4, per_sm=2, prefetch=True)),
+               ("i8f", dict(BN=64, BW=32, warps=4, per_sm=4, early=1, prefetch=True))]
 SMALL_M = (2, 4, 8, 16)
 EXPERTS = ((2048, 2240), (1120, 2048))  # default_3b: gate_up and down of each of 16 experts
 PRESETS = (("small", 64), ("default_3b", 32))  # preset, new tokens decoded
 PROMPT_BYTES = 512
+FLOOR = "floor:"  # rows that bound the kernels, never a variant (not in the best-of summary)
 MAX_REL_ERR = 1e-2  # a variant further than this from its reference is reported, not timed
 # "cuda" for the measurements; "cpu" (with TRITON_INTERPRET=1 and tiny --shapes) only dry-runs the
 # script's logic on a machine without a GPU
@@ -144,6 +163,8 @@ def cfg_name(variant: str, cfg: dict | None) -> str:
         parts.append(f"r{cfg['maxnreg']}")
     if cfg.get("early"):
         parts.append(f"early{cfg['early']}")
+    if cfg.get("prefetch"):
+        parts.append("pf")
     return f"{variant}/{'/'.join(parts)}"
 
 
@@ -265,10 +286,18 @@ def gemv_shape(b: Bench, K: int, N: int, gen: torch.Generator) -> dict:
         b.add_gemv("gemv", shape, 1, "base3 gemv_fma (training path)", t, base, N * KB, err, mode)
     except Exception as exc:
         b.fail(f"{shape} base3 gemv_fma", exc)
+    try:  # a floor for the 2-bit kernels: one read of the same words by torch's own reduction, timed alike
+        t, mode = b.time_calls([lambda c=c: c.words.sum(dtype=torch.int32) for _, _, c in sets])
+        b.add_gemv("gemv", shape, 1, f"{FLOOR} read the words (torch sum)", t, base, words_bytes, 0.0, mode)
+    except Exception as exc:
+        b.fail(f"{shape} read floor", exc)
     variants = I8F_CONFIGS + I8_CONFIGS + [("fma", c) for c in FMA_CONFIGS] + DOT_CONFIGS
     if b.args.variants:  # the chosen kinds; fma always keeps its default config, the baseline of the 2-bit kernels
         kinds = b.args.variants.split(",")
         variants = [(v, c) for v, c in variants if v in kinds or (v == "fma" and c == FMA_CONFIGS[0])]
+    if b.args.tiles:  # and of those, the tiles whose names match (fma's default still timed)
+        variants = [(v, c) for v, c in variants
+                    if re.search(b.args.tiles, cfg_name(v, c)) or (v == "fma" and c == FMA_CONFIGS[0])]
     for variant, cfg in variants:
         name = cfg_name(variant, cfg)
         try:
@@ -708,6 +737,8 @@ def main() -> int:
                     help="model section: no rows of the ternary model without its decode copies")
     ap.add_argument("--variants", default="", help="M = 1 sweep: only these kinds, comma-separated (e.g. i8f,i8; "
                     "the default fma config is always timed); empty: all")
+    ap.add_argument("--tiles", default="", help="M = 1 sweep: only the configs whose names (as printed, e.g. "
+                    "i8f/64x32w4/sm4/pf) match this regular expression; empty: all")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN list, M = 1 sweep")
     ap.add_argument("--small-m-shape", default="8192x8192", help="KxN of the small-M section")
     ap.add_argument("--experts", default=",".join(f"{k}x{n}" for k, n in EXPERTS), help="KxN of each of 16 experts")
@@ -796,7 +827,8 @@ def main() -> int:
     # ---- tables ---------------------------------------------------------------------------------
     summary = {}
     for shape in sorted({r["shape"] for r in b.gemv_rows if r["section"] == "gemv"}):
-        rows = [r for r in b.gemv_rows if r["section"] == "gemv" and r["shape"] == shape]
+        rows = [r for r in b.gemv_rows if r["section"] == "gemv" and r["shape"] == shape
+                and not r["variant"].startswith(FLOOR)]
         best = min(rows, key=lambda r: r["time_us"])
         summary[shape] = dict(best=best["variant"], time_us=best["time_us"], speedup=best["speedup"])
     (out_dir / "bench_decode.json").write_text(json.dumps(

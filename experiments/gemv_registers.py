@@ -72,11 +72,15 @@ def main() -> int:
     print(f"{'BN x BW, warps':>16} {'kernel':>10} {'registers':>10} {'programs/SM':>12}")
     for BN, BW, warps in TILES:
         for name, kernel, pointers, consts in (
-                ("fma", tg._gemv2_fma_kernel, FMA_POINTERS,
-                 dict(L=32, BN=BN, BW=BW, GP=1, HAS_GROUPS=False, SPLIT=True, EVEN=True)),
+                *(("fma/pf" if pf else "fma", tg._gemv2_fma_kernel, FMA_POINTERS,
+                   dict(L=32, BN=BN, BW=BW, GP=1, HAS_GROUPS=False, SPLIT=True, EVEN=True, PREFETCH=pf, ASM=True))
+                  for pf in (False, True)),
                 ("i8", tg._gemv2_i8_kernel, I8_POINTERS, dict(L=32, BN=BN, BW=BW, SPLIT=True, EVEN=True, ASM=True)),
                 *((f"i8f/early{early}" if early else "i8f", tg._gemv2_i8f_kernel, I8F_POINTERS,
-                   dict(L=32, BN=BN, BW=BW, SPLIT=True, EVEN=True, ASM=True, EARLY=early)) for early in tg.EARLY_CHOICES)):
+                   dict(L=32, BN=BN, BW=BW, SPLIT=True, EVEN=True, ASM=True, EARLY=early, PREFETCH=False))
+                  for early in tg.EARLY_CHOICES),
+                ("i8f/pf", tg._gemv2_i8f_kernel, I8F_POINTERS,
+                 dict(L=32, BN=BN, BW=BW, SPLIT=True, EVEN=True, ASM=True, EARLY=0, PREFETCH=True))):
             regs = registers(kernel, pointers, consts, warps)
             fit = min(64 // warps, REGISTERS_PER_SM // (regs * 32 * warps))  # 64 warps per SM at most
             print(f"{f'{BN}x{BW}, {warps}':>16} {name:>10} {regs:>10} {fit:>12}")

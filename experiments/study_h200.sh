@@ -29,6 +29,8 @@
 #   bash experiments/study_h200.sh gemv-profile  # the i8f sweep and the small decode profile (compiled steps too) with
 #                                               # the CUDA generation/GEMV tests in what is left of 585 s, no training
 #   bash experiments/study_h200.sh gemv-auto  # CUDA GEMV/generation tests, then the 8192^2 sweep: one call, no training
+#   bash experiments/study_h200.sh gemv-pf    # the L2-prefetch tiles of i8f and fma against the same tiles without
+#                                             # it (M = 1, three shapes), then the CUDA GEMV tests: one call
 #   bash experiments/study_h200.sh gemv-and-old  # CUDA tests and sweep of the decode GEMVs, then `old` seeds 1, 2
 #                                                # at small (two runs alone on the GPU: ~400 s)
 #   bash experiments/study_h200.sh routing    # issue 14: small ablation, graph/frozen/topk/hash seed 0 and
@@ -278,6 +280,18 @@ case "${1:-wait}" in
         timeout 150 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 110 --variants i8f \
             --shapes 8192x8192 > "$OUT/bench_decode_stdout.log" 2>&1
         grep -E "^ *(gemv|small M|experts) |^best|FAILED|WRONG|bf16 F.linear" "$OUT/bench_decode_stdout.log" | tail -40
+        exit 0
+        ;;
+    gemv-pf)  # the L2 prefetch of each program's word slice: the i8f and fma prefetch tiles against the
+              # same tiles without it, in one M = 1 sweep at three shapes; then the CUDA GEMV tests
+        device_info
+        timeout 380 python3 experiments/bench_decode.py --out "$OUT" --skip-models --budget-s 340 --variants i8f,fma \
+            --tiles 'pf|^i8f/(64x32w4/sm4|128x32w8/sm2|64x32w4/sm2|32x32w4/sm8)$|^fma/64x32w4/sm4$' \
+            > "$OUT/bench_decode_stdout.log" 2>&1
+        grep -E "^ *(gemv|small M|experts) |^best|FAILED|WRONG|bf16 F.linear" "$OUT/bench_decode_stdout.log" | tail -75
+        timeout $((585 - SECONDS)) python3 -m pytest tests/test_ternary_gemv.py -m cuda -q -rf -p no:cacheprovider \
+            > "$OUT/pytest_gemv_cuda.log" 2>&1
+        tail -3 "$OUT/pytest_gemv_cuda.log"
         exit 0
         ;;
     routing-old)  # the ablation again under rule old: graph/frozen/topk/hash seed 0, graph seeds 1, 2

@@ -243,8 +243,12 @@ def test_bad_input_is_refused_naming_the_argument(gen):
         tg.gemv_x16_reference(x, words, E, 40, 8, slice_words=12)
     with pytest.raises(ValueError, match="config stages must be a positive int .* got 0"):
         tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(stages=0))
-    with pytest.raises(ValueError, match=r"config keys must be among .* got \['prefetch'\]"):
-        tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(prefetch=True))
+    with pytest.raises(ValueError, match=r"config keys must be among .* got \['pf'\]"):
+        tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(pf=True))
+    with pytest.raises(ValueError, match="config prefetch must be a bool .* got 1"):
+        tg.gemv_2bit_triton(x, words, E, 40, 8, config=dict(prefetch=1))
+    with pytest.raises(ValueError, match=r"config prefetch applies to variants \('fma', 'i8f'\) only, got variant='i8'"):
+        tg.gemv_2bit_triton(x.bfloat16(), words, E, 40, 8, variant="i8", config=dict(prefetch=True))
     for early in (3, True):
         with pytest.raises(ValueError, match=rf"config early must be one of \(0, 1, 2, 4\) .* got {early}"):
             tg.gemv_2bit_triton(x.bfloat16(), words, E, 40, 8, variant="i8f", config=dict(early=early))
@@ -298,6 +302,11 @@ def test_per_row_kernels_match_their_reference(backend, n, k, plane_words, m, va
     if variant == "i8f":  # words of the first steps loaded before the activation pack: 1 step without a
         # split over K, 2 steps where some slices are shorter (split=3: the last slice may have 1 step)
         configs += [dict(configs[0], early=1), dict(configs[1], early=2), dict(configs[1], early=4)]
+    # the L2 prefetch of each program's word slice (a PTX hint on CUDA, skipped by the interpreter):
+    # with and without a split over K, and beside an early tile
+    if variant in tg.PREFETCH_VARIANTS:
+        configs += [dict(c, prefetch=True) for c in configs[:2]] + ([dict(configs[1], early=1, prefetch=True)]
+                                                                    if variant == "i8f" else [])
     for cfg in configs:
         if variant != "fma":  # i8 quantises per row, i8f per K slice of the launch
             slices = (tg.i8f_slice_words(m, n, words.shape[1], plane_words, x.device, cfg)
@@ -391,7 +400,8 @@ def test_grouped_fma_matches_reference_and_leaves_the_workspace_clean(backend, c
     offsets = torch.tensor(counts).cumsum(0).to(device=device, dtype=torch.int32)
     x = torch.randn(sum(counts), k, generator=gen).to(device)
     ref = tg.gemv_2bit_reference(x, copy.words, copy.E, k, copy.plane_words, offsets)
-    for cfg in (dict(BN=16, BW=16, split=1), dict(BN=16, BW=16, split=2)):
+    for cfg in (dict(BN=16, BW=16, split=1), dict(BN=16, BW=16, split=2),
+                dict(BN=16, BW=16, split=2, prefetch=True)):
         for _ in range(2):  # a second launch over the same workspace: it must have been left at zero
             y = _run("fma", x, copy.words, copy.E, k, copy.plane_words, cfg, offsets, copy.ws, copy.counters)
             torch.testing.assert_close(y, ref, **_tolerance(torch.float32, ref), msg=lambda s: f"{cfg}: {s}")
@@ -500,7 +510,8 @@ def test_register_counts_compile_for_hopper_without_a_gpu():
     import gemv_registers as gr
 
     def fma(BN, warps):
-        consts = dict(L=32, BN=BN, BW=32, GP=1, HAS_GROUPS=False, SPLIT=True, EVEN=True)
+        consts = dict(L=32, BN=BN, BW=32, GP=1, HAS_GROUPS=False, SPLIT=True, EVEN=True, PREFETCH=False,
+                      ASM=True)
         return gr.registers(tg._gemv2_fma_kernel, gr.FMA_POINTERS, consts, warps)
     big, small = fma(64, 4), fma(16, 4)
     assert 16 <= small < big <= 255
@@ -547,6 +558,11 @@ def test_cuda_untuned_shapes_every_variant(n, k, dtype, gen):
             # and every kernel, "i8f" with its 16-bit fixed-point x included, is within bf16 of the exact product
             if dtype == torch.bfloat16:
                 torch.testing.assert_close(y, ref, **_bf16_tolerance(ref), msg=lambda s: f"m={m} {variant}: {s}")
+            if variant in tg.PREFETCH_VARIANTS:  # the L2 prefetch is a hint: the same oracle holds
+                y_pf = _run(variant, x, copy.words, copy.E, k, copy.plane_words, dict(prefetch=True), ws=copy.ws,
+                            counters=copy.counters)
+                torch.testing.assert_close(y_pf, want, **_tolerance(dtype, want),
+                                           msg=lambda s: f"m={m} {variant} prefetch: {s}")
         assert not copy.ws.any() and not copy.counters.any()
 
 

@@ -87,7 +87,8 @@ I8_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)  # sm4 16.9 µs vs sm8 18.6 at
 I8F_CONFIG = dict(BN=64, BW=32, warps=4, per_sm=4)  # the H100 sweep's best at 8192² (bench_decode_i8f_private_h100.log)
 PACK_BLOCK = 8192  # activations per step of the i8 variant's x pack (a whole 8192-wide row: 32 per thread)
 EARLY_CHOICES = (0, 1, 2, 4)  # "i8f": K steps of words loaded before the activation pack (one tile)
-CONFIG_KEYS = ("BN", "BW", "warps", "per_sm", "split", "stages", "maxnreg", "early")
+CONFIG_KEYS = ("BN", "BW", "warps", "per_sm", "split", "stages", "maxnreg", "early", "prefetch")
+PREFETCH_VARIANTS = ("fma", "i8f")  # kernels that can ask L2 for their word slice up front (config prefetch)
 X16_MAX = 32767  # "i8": activations as 16-bit fixed point, x ≈ sx · (256·hi + lo), |256·hi + lo| <= X16_MAX
 X16_ABSMAX_FLOOR = 2.0 ** -100  # keeps X16_MAX / absmax finite (all-zero rows quantise to zeros, not NaN)
 _CHUNK_ELEMENTS = 1 << 22  # trits repacked per step by pack_2bit (bounds its int64 temporaries)
@@ -354,6 +355,20 @@ if HAS_TRITON:
         return offs_n, offs_n < N, rows, w_ptr + rows[:, None] * (stride_w8 * 8)
 
     @triton.jit
+    def _prefetch_rows(w_ptr, rows, stride_w8, w_start, n_words, ASM: tl.constexpr):
+        """Start copying ``n_words`` words of each of ``rows`` (int64, 1-D, in range) from word
+        ``w_start`` into L2 with ``cp.async.bulk.prefetch`` (sm_90): a hint that holds no registers
+        and changes no result, so the program's whole slice streams from memory while it does
+        other work (the activation pack of "i8f") and its loop's loads find it in L2. Rows start
+        32-byte aligned and slices begin and end on multiples of 8 words (plane_words >= 8), which
+        is the 16-byte alignment the instruction needs. The interpreter skips it (no PTX there)."""
+        if ASM:
+            ptrs = w_ptr + rows * (stride_w8 * 8) + w_start
+            nbytes = tl.zeros(rows.shape, dtype=tl.int32) + 4 * n_words
+            tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                                      [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _finish(part, scale, y_ptrs, ws_ptrs, mask, cnt_ptr, n_split, SPLIT: tl.constexpr):
         """Store ``part·scale``, or, split over K, add the partial into the workspace; the tile's
         last program (counter) stores the total and resets workspace and counter to zero."""
@@ -378,26 +393,32 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["N", "K", "KW", "stride_w8", "stride_ym", "G", "iters", "n_split"])
     def _gemv2_fma_kernel(x_ptr, w_ptr, e_ptr, off_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, stride_xm, stride_w8,
                           stride_ym, G, iters, n_split, L: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
-                          GP: tl.constexpr, HAS_GROUPS: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr):
+                          GP: tl.constexpr, HAS_GROUPS: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr,
+                          PREFETCH: tl.constexpr, ASM: tl.constexpr):
         m = tl.program_id(0)  # activation row: fastest grid axis, so programs sharing weights run together
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_ok = offs_n < N
         rows = offs_n.to(tl.int64)
+        group_row0 = 0
         if HAS_GROUPS:  # stacked experts: row m belongs to group #{g : offsets[g] <= m}
             gi = tl.arange(0, GP)
             ends = tl.load(off_ptr + gi, mask=gi < G, other=0)
             g = tl.minimum(tl.sum(((ends <= m) & (gi < G)).to(tl.int32), axis=0), G - 1)
-            rows = rows + g.to(tl.int64) * N
+            group_row0 = g.to(tl.int64) * N
+            rows = rows + group_row0
+        w_start = pid_k * (iters * BW)
+        n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
+        if PREFETCH:
+            _prefetch_rows(w_ptr, tl.minimum(offs_n, N - 1).to(tl.int64) + group_row0, stride_w8, w_start,
+                           tl.minimum(n_it * BW, KW - w_start), ASM)
         # rows · (stride/8) · 8: the literal factor tells the compiler every row is 32-byte aligned,
         # so the word tile loads as 16-byte vectors
         w_rows = w_ptr + rows[:, None] * (stride_w8 * 8)
         offs_w = tl.arange(0, BW)
         col_base = (offs_w // L) * (16 * L) + offs_w % L  # field 0's column of each word in the step
         x_row = x_ptr + m.to(tl.int64) * stride_xm
-        w_start = pid_k * (iters * BW)
-        n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
         acc = tl.zeros((BN, BW), dtype=tl.float32)  # Σ d·x per (row, word column)
         xsum = tl.zeros((BW,), dtype=tl.float32)  # Σ x per word column
         for it in range(0, n_it):
@@ -645,12 +666,14 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["N", "K", "KW", "stride_w8", "stride_ym", "iters", "n_split"])
     def _gemv2_i8f_kernel(x_ptr, xq_ptr, w_ptr, e_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, stride_xm, stride_w8,
                           stride_ym, iters, n_split, L: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
-                          SPLIT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr, EARLY: tl.constexpr):
+                          SPLIT: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr, EARLY: tl.constexpr,
+                          PREFETCH: tl.constexpr):
         """"i8" with the activation pack fused in: each program quantises its own K slice of x
         with the slice's absmax, writes the packed words to its own part of ``xq`` (row blocks
         sharing one buffer contended for the same L2 lines), and runs the i8 loop over them. No
         second launch to wait for. ``EARLY``: the word tile of the first EARLY steps is loaded before
-        the pack, so its memory latency overlaps the pack's instead of following it."""
+        the pack, so its memory latency overlaps the pack's instead of following it. ``PREFETCH``:
+        the whole word slice is asked into L2 before the pack, holding no registers."""
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -661,6 +684,9 @@ if HAS_TRITON:
         w_start = pid_k * (iters * BW)
         n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
         offs_n, n_ok, rows, w_rows = _row_block(w_ptr, pid_n, N, stride_w8, BN)
+        if PREFETCH:
+            _prefetch_rows(w_ptr, tl.minimum(offs_n, N - 1).to(tl.int64), stride_w8, w_start,
+                           tl.minimum(n_it * BW, KW - w_start), ASM)
         wd_early = 0
         if EARLY > 0:
             wd_early = _early_words(w_rows, n_ok, w_start, n_it, KW, BW, EARLY)
@@ -745,6 +771,9 @@ if HAS_TRITON:
         if isinstance(early, bool) or not isinstance(early, int) or early not in EARLY_CHOICES:
             raise ValueError(f"config early must be one of {EARLY_CHOICES} (K steps loaded before the pack), "
                              f"got {early!r}")
+        if not isinstance(cfg.get("prefetch", False), bool):
+            raise ValueError(f"config prefetch must be a bool (ask L2 for the word slice first), "
+                             f"got {cfg['prefetch']!r}")
         if BN < MIN_BN or BN & (BN - 1):
             raise ValueError(f"config BN must be a power of two >= {MIN_BN}, got {BN}")
         if BW < L or BW & (BW - 1):
@@ -788,7 +817,9 @@ if HAS_TRITON:
         splits), optional stages (Triton's ``num_stages``: how deep its software pipeliner may
         prefetch loop loads), optional maxnreg (registers per thread: at the fma kernel's own 168,
         3 programs fit an SM), optional early ("i8f" only: the K steps whose words are loaded
-        before the activation pack, one of EARLY_CHOICES).
+        before the activation pack, one of EARLY_CHOICES), optional prefetch ("fma" and "i8f": each
+        program first asks L2 for its whole word slice, ``cp.async.bulk.prefetch``; a hint, the
+        result is the same).
         """
         M, N, G = check_gemv_args(x2d, words, E, in_features, plane_words, offsets)
         if variant not in VARIANTS:
@@ -808,6 +839,9 @@ if HAS_TRITON:
         BN, BW, warps = _block_config(cfg, plane_words)
         if cfg.get("early") and variant != "i8f":
             raise ValueError(f"config early applies to variant 'i8f' only, got variant={variant!r}")
+        prefetch = cfg.get("prefetch", False)
+        if prefetch and variant not in PREFETCH_VARIANTS:
+            raise ValueError(f"config prefetch applies to variants {PREFETCH_VARIANTS} only, got variant={variant!r}")
         if not words.is_contiguous():
             raise ValueError(f"words must be contiguous, got strides {words.stride()}")
         if out is not None and (not isinstance(out, torch.Tensor) or tuple(out.shape) != (M, N)
@@ -844,7 +878,7 @@ if HAS_TRITON:
             _gemv2_fma_kernel[(M, n_blocks, split)](
                 x2d, words, E, off, y, ws, counters, N, K, KW, x2d.stride(0), KW // 8, y.stride(0), G, iters, split,
                 L=L, BN=BN, BW=BW, GP=triton.next_power_of_2(G), HAS_GROUPS=offsets is not None, SPLIT=split > 1,
-                EVEN=even, num_warps=warps, **stage_arg)
+                EVEN=even, PREFETCH=prefetch, ASM=not interpreting(), num_warps=warps, **stage_arg)
             return y
         if variant == "i8":
             n_words = M * 4 * KW  # pack_x16's hi and lo words, then sx (float32 bits) and Σx16 per row
@@ -865,7 +899,7 @@ if HAS_TRITON:
             _gemv2_i8f_kernel[(M, n_blocks, split)](
                 x2d, xq, words, E, y, ws, counters, N, K, KW, x2d.stride(0), KW // 8, y.stride(0), iters, split,
                 L=L, BN=BN, BW=BW, SPLIT=split > 1, EVEN=KW % BW == 0, ASM=not interpreting(),
-                EARLY=cfg.get("early", 0), num_warps=warps, **stage_arg)
+                EARLY=cfg.get("early", 0), PREFETCH=prefetch, num_warps=warps, **stage_arg)
             return y
         pos, base = (5, 0x3F80) if x2d.dtype == torch.bfloat16 else (8, 0x3C00)  # top 2 mantissa bits of 1.0
         _gemv2_dot_kernel[(n_blocks, split)](
