@@ -355,16 +355,18 @@ if HAS_TRITON:
         return offs_n, offs_n < N, rows, w_ptr + rows[:, None] * (stride_w8 * 8)
 
     @triton.jit
-    def _prefetch_rows(w_ptr, rows, stride_w8, w_start, n_words, ASM: tl.constexpr):
-        """Start copying ``n_words`` words of each of ``rows`` (int64, 1-D, in range) from word
-        ``w_start`` into L2 with ``cp.async.bulk.prefetch`` (sm_90): a hint that holds no registers
-        and changes no result, so the program's whole slice streams from memory while it does
-        other work (the activation pack of "i8f") and its loop's loads find it in L2. Rows start
-        32-byte aligned and slices begin and end on multiples of 8 words (plane_words >= 8), which
-        is the 16-byte alignment the instruction needs. The interpreter skips it (no PTX there)."""
+    def _prefetch_slice(w_ptr, offs_n, N, row0, stride_w8, w_start, n_it, KW, BW: tl.constexpr, ASM: tl.constexpr):
+        """Start copying the program's word slice (rows ``row0 + offs_n``, clamped to the block's N
+        rows; ``n_it`` steps of BW words from ``w_start``, cut at KW) into L2 with
+        ``cp.async.bulk.prefetch`` (sm_90): a hint that holds no registers and changes no result,
+        so the slice streams from memory while the program does other work (the activation pack
+        of "i8f") and its loop's loads find it in L2. Rows start 32-byte aligned and slices begin
+        and end on multiples of 8 words (plane_words >= 8), the 16-byte alignment the instruction
+        needs. The interpreter skips it (no PTX there)."""
         if ASM:
+            rows = tl.minimum(offs_n, N - 1).to(tl.int64) + row0
             ptrs = w_ptr + rows * (stride_w8 * 8) + w_start
-            nbytes = tl.zeros(rows.shape, dtype=tl.int32) + 4 * n_words
+            nbytes = tl.zeros(rows.shape, dtype=tl.int32) + 4 * tl.minimum(n_it * BW, KW - w_start)
             tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
                                       [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
@@ -411,8 +413,7 @@ if HAS_TRITON:
         w_start = pid_k * (iters * BW)
         n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
         if PREFETCH:
-            _prefetch_rows(w_ptr, tl.minimum(offs_n, N - 1).to(tl.int64) + group_row0, stride_w8, w_start,
-                           tl.minimum(n_it * BW, KW - w_start), ASM)
+            _prefetch_slice(w_ptr, offs_n, N, group_row0, stride_w8, w_start, n_it, KW, BW, ASM)
         # rows · (stride/8) · 8: the literal factor tells the compiler every row is 32-byte aligned,
         # so the word tile loads as 16-byte vectors
         w_rows = w_ptr + rows[:, None] * (stride_w8 * 8)
@@ -685,8 +686,7 @@ if HAS_TRITON:
         n_it = tl.minimum(iters, tl.cdiv(KW - w_start, BW))
         offs_n, n_ok, rows, w_rows = _row_block(w_ptr, pid_n, N, stride_w8, BN)
         if PREFETCH:
-            _prefetch_rows(w_ptr, tl.minimum(offs_n, N - 1).to(tl.int64), stride_w8, w_start,
-                           tl.minimum(n_it * BW, KW - w_start), ASM)
+            _prefetch_slice(w_ptr, offs_n, N, 0, stride_w8, w_start, n_it, KW, BW, ASM)
         wd_early = 0
         if EARLY > 0:
             wd_early = _early_words(w_rows, n_ok, w_start, n_it, KW, BW, EARLY)
